@@ -1,0 +1,122 @@
+"""The backend contract: what the engine hands a model and what it gets back.
+
+A backend is loaded once and kept resident. It declares what it can do, takes a *batch* of requests of one task
+and returns one outcome per request (an :class:`Output` or the exception that request alone caused). Local
+backends are the only code that touches torch; this module must stay importable without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Literal
+
+from ..geometry import NormBox, NormPoint, PointSource
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class Task(str, Enum):
+    """What a request asks of a model. One batch holds one task."""
+
+    CAPTION = "caption"
+    ANSWER = "answer"
+    POINT = "point"
+    DETECT = "detect"
+    OCR = "ocr"
+
+
+Detail = Literal["brief", "detailed"]
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Greedy decoding; at most this many new tokens per task (documented in the README)."""
+
+    caption_brief: int = 64
+    caption_detailed: int = 320
+    answer: int = 128
+    point: int = 384
+    detect: int = 256
+    ocr: int = 1536
+
+    def for_request(self, task: Task, detail: Detail = "brief") -> int:
+        """The token limit for a task (captions by detail)."""
+        if task is Task.CAPTION:
+            return self.caption_detailed if detail == "detailed" else self.caption_brief
+        return int(getattr(self, task.value))
+
+
+@dataclass
+class Request:
+    """One task on one image.
+
+    ``cancel`` is set by whoever owns the request (the engine) when the caller goes away; a backend checks it
+    between tokens so that a cancelled row stops generating while the rest of its batch goes on.
+    """
+
+    task: Task
+    image: Image.Image
+    text: str = ""
+    labels: tuple[str, ...] = ()
+    detail: Detail = "brief"
+    language: str = "en"
+    max_points: int = 10
+    max_new_tokens: int = 128
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Output:
+    """What a model answered to one request: its raw text and what the family parser made of it."""
+
+    raw: str
+    text: str = ""
+    points: list[NormPoint] = field(default_factory=list)
+    boxes: list[NormBox] = field(default_factory=list)
+    point_source: PointSource = "native"
+
+
+Outcome = Output | BaseException
+"""Per-request result of a batch: an output, or the exception only that request caused."""
+
+
+class Backend(ABC):
+    """A resident model of one family.
+
+    Attributes:
+        name: the model id or directory it was loaded from (what results report as ``model``).
+        family: ``"paligemma"``, ``"molmo2"`` or ``"molmo"``.
+        native: tasks the model does natively.
+        supported: tasks it can serve at all (a superset of ``native``: PaliGemma points by box centres).
+        max_batch_size: most requests it takes in one :meth:`run_batch`.
+        parallelism: how many batches may run at once (1 for a local model; more for a remote server).
+    """
+
+    name: str
+    family: str
+    native: frozenset[Task]
+    supported: frozenset[Task]
+    max_batch_size: int = 8
+    parallelism: int = 1
+
+    @abstractmethod
+    def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
+        """Run requests of one task together; return one outcome per request, in order.
+
+        Raising means the batch as a whole failed (the engine then retries its requests one by one).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the backend holds (GPU memory, connections)."""
+
+    def is_oom(self, error: BaseException) -> bool:
+        """Whether ``error`` means the device ran out of memory (the engine then splits the batch)."""
+        return False
+
+    def free_memory(self) -> None:  # noqa: B027 - optional hook
+        """Give cached device memory back after an out-of-memory error."""

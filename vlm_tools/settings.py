@@ -1,0 +1,196 @@
+"""Settings: one typed, immutable object built once at start-up and passed down explicitly.
+
+Sources, highest priority first: command-line flags, ``VLM_TOOLS_*`` environment variables, defaults. This is
+the only module that reads the environment. Every field carries a description; the CLI is generated from them
+(see :func:`add_arguments`), so ``vlm-tools serve --help`` documents every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODELS = ("allenai/Molmo2-4B", "google/paligemma2-3b-mix-448")
+
+TOOLS = ("describe_image", "answer_about_image", "point_to_object", "detect", "read_document")
+
+
+def _flag(name: str, **extra: Any) -> dict[str, Any]:
+    return {"flag": name, **extra}
+
+
+class Settings(BaseSettings):
+    """Every setting of the server. Environment variable: ``VLM_TOOLS_<FIELD NAME IN CAPITALS>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VLM_TOOLS_", frozen=True, extra="forbid", env_parse_none_str="", validate_default=True
+    )
+
+    # --- serving ------------------------------------------------------------------------------------------
+    transport: Literal["stdio", "http"] = Field(
+        "stdio", description="MCP transport: stdio (for a local client) or streamable HTTP at /mcp."
+    )
+    host: str = Field("127.0.0.1", description="HTTP: address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP: port to bind (0 picks a free one).")
+    auth_token: SecretStr | None = Field(
+        None, description="HTTP: bearer token every request must carry (Authorization: Bearer …)."
+    )
+    allow_public_bind: bool = Field(
+        False,
+        description="HTTP: allow binding a non-loopback address without --auth-token (not recommended).",
+        json_schema_extra=_flag("--allow-public-bind"),
+    )
+    allowed_origins: tuple[str, ...] = Field(
+        (), description="HTTP: extra browser Origins allowed (repeatable), e.g. https://app.example.com."
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="HTTP: extra Host header values allowed (repeatable), e.g. vlm.internal:8000."
+    )
+
+    # --- models -------------------------------------------------------------------------------------------
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: models resident in this process; openai: an OpenAI-compatible server (vLLM)."
+    )
+    model: tuple[str, ...] = Field(
+        DEFAULT_MODELS,
+        description="Local backend: hub id or local directory of a model (repeatable; each stays resident). "
+        "The family is read from the model's config.",
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="Where local models run.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."
+    )
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Quantise local models with bitsandbytes (CUDA only)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow models whose code lives in their repository (Molmo 0924)."
+    )
+    route: tuple[str, ...] = Field(
+        (),
+        description="Route a tool to a model: TOOL=MODEL (repeatable), e.g. point_to_object=google/paligemma2-3b-mix-448.",
+    )
+    base_url: tuple[str, ...] = Field(
+        (), description="openai backend: base URL of an inference server, e.g. http://gpu1:8000/v1 (repeatable)."
+    )
+    remote_model: str | None = Field(None, description="openai backend: the model name the server serves.")
+    remote_family: Literal["auto", "paligemma", "molmo2", "molmo"] = Field(
+        "auto", description="openai backend: model family (auto: read from the model name the server reports)."
+    )
+    api_key_env: str = Field(
+        "VLM_TOOLS_API_KEY", description="openai backend: name of the environment variable holding the API key."
+    )
+    api_key: SecretStr | None = Field(None, description="openai backend: API key (prefer api_key_env).")
+    remote_concurrency: int = Field(16, ge=1, le=1024, description="openai backend: requests in flight per server.")
+
+    # --- inputs -------------------------------------------------------------------------------------------
+    allow_path: tuple[Path, ...] = Field(
+        (), description="Directory from which image and document paths may be read (repeatable; default: the "
+        "working directory and the system temp directory).",
+    )
+    allow_urls: bool = Field(True, description="Fetch http(s) URLs (public addresses only).", json_schema_extra=_flag("--urls"))
+    allow_private_urls: bool = Field(
+        False, description="Also fetch from loopback and private addresses (testing only)."
+    )
+    max_fetch_bytes: int = Field(20_000_000, ge=1, description="Most bytes fetched from one URL.")
+    fetch_timeout_s: float = Field(15.0, gt=0, description="Time limit for fetching one URL, redirects included.")
+    max_inline_bytes: int = Field(20_000_000, ge=1, description="Most decoded bytes in a data: URI or base64 argument.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels in an image (checked before decoding).")
+    max_file_bytes: int = Field(100_000_000, ge=1, description="Most bytes read from a local file.")
+    image_store_count: int = Field(256, ge=1, description="Images kept for reuse by image_id (oldest evicted first).")
+    image_store_bytes: int = Field(1_000_000_000, ge=1, description="Most bytes of decoded images kept for reuse.")
+    max_pages: int = Field(50, ge=1, description="Most PDF pages read in one read_document call.")
+    page_long_side: int = Field(2048, ge=64, le=10_000, description="Long side in pixels of a rendered PDF page.")
+
+    # --- engine -------------------------------------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests run together in one batch.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests to join.")
+    queue_size: int = Field(64, ge=1, description="Requests that may wait; past it calls get `busy` at once.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Time limit for one request, queue wait included.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long running requests may finish.")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level (stderr).")
+
+    @field_validator("allow_path")
+    @classmethod
+    def _resolve_paths(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        return tuple(Path(p).expanduser().resolve() for p in value)
+
+    @field_validator("route")
+    @classmethod
+    def _check_routes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            tool, sep, model = item.partition("=")
+            if not sep or tool not in TOOLS or not model:
+                raise ValueError(f"route {item!r} must be TOOL=MODEL with TOOL one of {', '.join(TOOLS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("the openai backend needs at least one --base-url")
+        return self
+
+    # --- derived ------------------------------------------------------------------------------------------
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """Directories paths may be read from: the configured ones, or the working and temp directories."""
+        if self.allow_path:
+            return self.allow_path
+        return (Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve())
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """Per-tool model overrides."""
+        return dict(item.split("=", 1) for item in self.route)
+
+    def resolved_api_key(self) -> str | None:
+        """The remote API key: given directly, or read from the variable named by ``api_key_env``."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        import os
+
+        return os.environ.get(self.api_key_env) or None
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def _flag_name(name: str, info: Any) -> str:
+    extra = info.json_schema_extra or {}
+    return str(extra.get("flag") or "--" + name.replace("_", "-"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting to ``parser`` (flags left out keep their environment value or default)."""
+    group = parser.add_argument_group("settings (each also from the environment as VLM_TOOLS_<NAME>)")
+    for name, info in Settings.model_fields.items():
+        flag = _flag_name(name, info)
+        env = f"VLM_TOOLS_{name.upper()}"
+        default_text = "" if info.default is None else f" [default: {_show(info.default)}]"
+        help_text = f"{info.description}{default_text} (env {env})"
+        annotation = info.annotation
+        if annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif str(annotation).startswith("tuple"):
+            group.add_argument(flag, dest=name, action="append", default=None, metavar="VALUE", help=help_text)
+        else:
+            group.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    parser.add_argument_group()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def from_arguments(args: argparse.Namespace) -> Settings:
+    """Build settings from parsed flags (only those given) over the environment and defaults."""
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**given)
