@@ -1,0 +1,163 @@
+"""The ``vlm-tools`` command: ``serve`` runs the MCP server; the one-shot verbs call one tool and print its JSON.
+
+One-shot verbs go through the very same server and tool code as an MCP client would (an in-memory client), so
+what they print is exactly the tool's structured result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import VlmToolsError
+from .settings import Settings, add_arguments, from_arguments
+
+logger = logging.getLogger("vlm_tools")
+
+
+def _frame(text: str) -> dict[str, float]:
+    try:
+        width, _, height = text.lower().partition("x")
+        return {"width": float(width), "height": float(height)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"frame must be WIDTHxHEIGHT, e.g. 1280x720, not {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser (every subcommand documents every setting)."""
+    parser = argparse.ArgumentParser(
+        prog="vlm-tools", description="An MCP server that gives agents eyes they can act on."
+    )
+    parser.add_argument("--version", action="version", version=f"vlm-tools {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        return p
+
+    command("serve", "Run the MCP server (stdio by default; --transport http for streamable HTTP).")
+
+    p = command("describe", "Describe an image and print the JSON result.")
+    p.add_argument("image", help="Path, URL, data: URI or base64 of the image.")
+    p.add_argument("--detail", choices=("brief", "detailed"), default="brief")
+    p.add_argument("--language", default="en")
+
+    p = command("ask", "Answer a question about an image.")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--language", default="en")
+
+    p = command("point", "Point to objects in an image.")
+    p.add_argument("image")
+    p.add_argument("description")
+    p.add_argument("--max-points", type=int, default=10)
+    p.add_argument("--frame", type=_frame, help="Caller frame WIDTHxHEIGHT, e.g. 1280x720.")
+    p.add_argument("--annotated", metavar="PNG", help="Also write the annotated image to this file.")
+
+    p = command("detect", "Detect objects with boxes.")
+    p.add_argument("image")
+    p.add_argument("labels", nargs="+", metavar="LABEL")
+    p.add_argument("--frame", type=_frame)
+    p.add_argument("--annotated", metavar="PNG", help="Also write the annotated image to this file.")
+
+    p = command("read", "Read the text of a PDF or an image, page by page.")
+    p.add_argument("document")
+    p.add_argument("--pages", help="e.g. 1-3,5")
+
+    p = command("eval", "Measure grounding accuracy of the loaded models on generated screenshots.")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--count", type=int, default=40, help="Images per size.")
+    p.add_argument("--sizes", default="1280x720,600x900,1000x1000")
+    p.add_argument("--out", help="Write the JSON report here.")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    # stdout carries the MCP protocol on stdio: every log line goes to stderr.
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _tool_call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    cmd = args.command
+    if cmd == "describe":
+        return "describe_image", {"image": args.image, "detail": args.detail, "language": args.language}
+    if cmd == "ask":
+        return "answer_about_image", {"image": args.image, "question": args.question, "language": args.language}
+    if cmd == "point":
+        call = {"image": args.image, "description": args.description, "max_points": args.max_points}
+        if args.frame:
+            call["frame"] = args.frame
+        call["annotate"] = bool(args.annotated)
+        return "point_to_object", call
+    if cmd == "detect":
+        call = {"image": args.image, "labels": args.labels, "annotate": bool(args.annotated)}
+        if args.frame:
+            call["frame"] = args.frame
+        return "detect", call
+    if cmd == "read":
+        return "read_document", {"document": args.document, "pages": args.pages}
+    raise AssertionError(cmd)
+
+
+async def _one_shot(settings: Settings, args: argparse.Namespace) -> int:
+    import base64
+
+    from mcp import Client
+
+    from .server import build_server
+
+    name, arguments = _tool_call(args)
+    server = build_server(settings)
+    async with Client(server) as client:
+        result = await client.call_tool(name, arguments)
+    if result.is_error:
+        text = " ".join(getattr(block, "text", "") for block in result.content)
+        print(text, file=sys.stderr)
+        return 1
+    print(json.dumps(result.structured_content, indent=2))
+    path = getattr(args, "annotated", None)
+    if path:
+        for block in result.content:
+            if getattr(block, "type", None) == "image":
+                with open(path, "wb") as f:
+                    f.write(base64.b64decode(block.data))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vlm-tools`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = from_arguments(args)
+    except Exception as exc:  # pydantic ValidationError: show it as a usage error
+        parser.error(str(exc))
+    _configure_logging(settings.log_level)
+    try:
+        if args.command == "serve":
+            from .serve import serve
+
+            return serve(settings)
+        if args.command == "eval":
+            from .evaluation import run_eval
+
+            return run_eval(settings, args)
+        return asyncio.run(_one_shot(settings, args))
+    except VlmToolsError as exc:
+        print(f"vlm-tools: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

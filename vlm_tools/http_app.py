@@ -1,0 +1,170 @@
+"""Streamable-HTTP serving: the MCP endpoint at ``/mcp``, ``/health`` and ``/metrics``, guarded.
+
+Every request, on every route, passes the same gate: the Host header must name this server (421 otherwise,
+against DNS rebinding), a browser Origin must be allowed (403), and when a token is set the request must carry
+``Authorization: Bearer <token>`` (401). ``/health`` answers without a token so a load balancer can probe it,
+and says no more than whether the server can serve.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import Iterable
+
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import ConfigurationError
+from .server import VisionServer
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# JSON-RPC envelope and argument names around a base64 image: generous, fixed.
+_ENVELOPE_BYTES = 64 * 1024
+
+
+def request_body_limit(settings: Settings) -> int:
+    """The largest request body needed: the largest inline image as base64 (4/3 of its bytes) plus the envelope."""
+    return (settings.max_inline_bytes * 4 + 2) // 3 + _ENVELOPE_BYTES
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is a loopback address."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse to serve beyond this machine without a token unless explicitly forced."""
+    if not is_loopback(settings.host) and settings.auth_token is None and not settings.allow_public_bind:
+        raise ConfigurationError(
+            f"refusing to bind {settings.host} without --auth-token: anyone who can reach it could use the "
+            "server. Set --auth-token (or VLM_TOOLS_AUTH_TOKEN), bind 127.0.0.1, or pass --allow-public-bind."
+        )
+
+
+def allowed_hosts(settings: Settings, port: int) -> list[str]:
+    """Host header values this server answers to."""
+    names = {settings.host}
+    if is_loopback(settings.host) or settings.host in ("0.0.0.0", "::"):
+        names |= {"127.0.0.1", "localhost", "[::1]"}
+    if settings.host in ("0.0.0.0", "::"):
+        names.add(socket.gethostname())
+    hosts = [f"{_bracket(n)}:{port}" for n in names] + [_bracket(n) for n in names if port in (80, 443)]
+    return sorted(set(hosts) | set(settings.allowed_hosts))
+
+
+def allowed_origins(settings: Settings, port: int) -> list[str]:
+    """Browser origins allowed to call the server (requests without an Origin header are not browsers)."""
+    origins = {f"http://{h}" for h in allowed_hosts(settings, port)} | {
+        f"https://{h}" for h in allowed_hosts(settings, port)
+    }
+    return sorted(origins | set(settings.allowed_origins))
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class Gate:
+    """ASGI middleware: Host (421), Origin (403) and bearer token (401) checks on every HTTP request."""
+
+    def __init__(self, app: ASGIApp, *, hosts: Iterable[str], origins: Iterable[str], token: str | None) -> None:
+        self.app = app
+        self.hosts = frozenset(h.lower() for h in hosts)
+        self.origins = frozenset(o.lower() for o in origins)
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        host = request.headers.get("host", "").lower()
+        if host not in self.hosts:
+            await _plain(421, "misdirected request: unknown Host header")(scope, receive, send)
+            return
+        origin = request.headers.get("origin")
+        if origin is not None and origin.lower() not in self.origins:
+            await _plain(403, "forbidden: Origin not allowed (see --allowed-origins)")(scope, receive, send)
+            return
+        if self.token is not None and scope.get("path") != "/health" and not self._authorised(request):
+            response = _plain(401, "unauthorised: send Authorization: Bearer <token>")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="vlm-tools"'
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorised(self, request: Request) -> bool:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token or b"")
+
+
+def _plain(status: int, text: str) -> Response:
+    return Response(text, status_code=status, media_type="text/plain")
+
+
+def build_http_app(server: VisionServer, settings: Settings, port: int) -> ASGIApp:
+    """The ASGI app serving ``server`` on ``port`` (the port actually bound)."""
+    hosts = allowed_hosts(settings, port)
+    origins = allowed_origins(settings, port)
+
+    @server.custom_route("/health", methods=["GET"])
+    async def health(_: Request) -> Response:
+        runtime = getattr(server, "runtime", None)
+        if runtime is None:
+            return JSONResponse({"ok": False, "status": "starting or stopping"}, status_code=503)
+        state = runtime.engine.health()
+        body = {"ok": bool(state.get("ok")), "accepting": state.get("accepting"), "models": state.get("models")}
+        return Response(json.dumps(body), status_code=200 if body["ok"] else 503, media_type="application/json")
+
+    @server.custom_route("/metrics", methods=["GET"])
+    async def metrics(_: Request) -> Response:
+        body, content_type = server.metrics.render()  # type: ignore[attr-defined]
+        return Response(body, media_type=content_type)
+
+    app = server.streamable_http_app(
+        streamable_http_path="/mcp",
+        max_request_body_size=request_body_limit(settings),
+        transport_security=TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins),
+        host=settings.host,
+    )
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    return Gate(app, hosts=hosts, origins=origins, token=token)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket first, so port 0 resolves to a real port before the app is built."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_http(server: VisionServer, settings: Settings) -> None:
+    """Serve over streamable HTTP until SIGINT/SIGTERM, then drain (uvicorn runs the lifespan's shutdown)."""
+    import uvicorn
+
+    check_bind(settings)
+    sock = bind_socket(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    app = build_http_app(server, settings, port)
+    config = uvicorn.Config(
+        app, log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5
+    )
+    logger.info("serving MCP at http://%s:%d/mcp", _bracket(settings.host), port)
+    await uvicorn.Server(config).serve(sockets=[sock])

@@ -1,0 +1,82 @@
+"""Which loaded model answers which tool.
+
+A tool goes to the first loaded model that does its task natively (in the order the models were given), else
+to the first that can serve it at all (PaliGemma points by box centres), unless a route names a model for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .backends.base import Backend, Task
+from .errors import ConfigurationError, UnsupportedByModel
+
+TOOL_TASKS: dict[str, Task] = {
+    "describe_image": Task.CAPTION,
+    "answer_about_image": Task.ANSWER,
+    "point_to_object": Task.POINT,
+    "detect": Task.DETECT,
+    "read_document": Task.OCR,
+}
+
+# What to tell a user whose loaded models cannot do a task: the family that does it natively.
+_FAMILY_FOR_TASK: dict[Task, str] = {
+    Task.DETECT: "PaliGemma 2 (e.g. --model google/paligemma2-3b-mix-448)",
+    Task.POINT: "Molmo2 (e.g. --model allenai/Molmo2-4B) or PaliGemma 2",
+    Task.CAPTION: "Molmo2 or PaliGemma 2",
+    Task.ANSWER: "Molmo2 or PaliGemma 2",
+    Task.OCR: "Molmo2 or PaliGemma 2",
+}
+
+
+class Router:
+    """Maps each tool to one resident backend, decided once at start-up."""
+
+    def __init__(self, backends: Sequence[Backend], overrides: Mapping[str, str] | None = None) -> None:
+        if not backends:
+            raise ConfigurationError("no model is loaded; pass --model with a hub id or a local directory")
+        self.backends = list(backends)
+        self._routes: dict[str, Backend | None] = {}
+        overrides = dict(overrides or {})
+        for tool, task in TOOL_TASKS.items():
+            if tool in overrides:
+                self._routes[tool] = self._named(tool, task, overrides[tool])
+            else:
+                self._routes[tool] = self._choose(task)
+
+    def _named(self, tool: str, task: Task, wanted: str) -> Backend:
+        for backend in self.backends:
+            if wanted in (backend.name, backend.family):
+                if task not in backend.supported:
+                    raise ConfigurationError(
+                        f"route {tool}={wanted}: a {backend.family} model cannot do {task.value}; "
+                        f"use {_FAMILY_FOR_TASK[task]}"
+                    )
+                return backend
+        names = ", ".join(b.name for b in self.backends)
+        raise ConfigurationError(f"route {tool}={wanted}: no loaded model is called that (loaded: {names})")
+
+    def _choose(self, task: Task) -> Backend | None:
+        for backend in self.backends:
+            if task in backend.native:
+                return backend
+        for backend in self.backends:
+            if task in backend.supported:
+                return backend
+        return None
+
+    def backend_for(self, tool: str) -> Backend:
+        """The backend that serves ``tool``; :class:`UnsupportedByModel` when none can."""
+        backend = self._routes.get(tool)
+        if backend is None:
+            task = TOOL_TASKS[tool]
+            loaded = ", ".join(f"{b.name} ({b.family})" for b in self.backends)
+            raise UnsupportedByModel(
+                f"{tool} needs a model that can do {task.value}; the loaded models ({loaded}) cannot. "
+                f"Start the server with {_FAMILY_FOR_TASK[task]}."
+            )
+        return backend
+
+    def table(self) -> dict[str, str | None]:
+        """tool → model name (None when unsupported), for logs and the health endpoint."""
+        return {tool: (b.name if b else None) for tool, b in self._routes.items()}
