@@ -1,0 +1,100 @@
+"""Molmo2 output: ``<points coords=…>`` on a 0–1000 scale, counts, and the prose around them.
+
+The format (REFERENCE.md and the parsing code on the Molmo2 model card; transformers 5.23 ships no parser)::
+
+    <points coords="1 1 073 160 2 173 600" alt="boats">the boats</points>
+
+``coords`` holds one group per image: the image index (1-based), then triplets ``point-id x y`` with x and
+y on 0–1000 of the image's width and height, written zero-padded to three digits (``073``; ``1000`` has
+four). The card's reference parser separates groups by a tab, ``:``, ``,`` or ``;`` and accepts only 3–4
+digit coordinates; this parser does the same. Counting answers read
+``"Counting the <points …>the boats</points> shows a total of 3."``.
+
+Decisions:
+
+* Only the points of one image are returned — image 1 by default, since the server sends one image per
+  request; ``image_index=None`` returns the points of every image, in output order.
+* The singular ``<point coords=…>`` is read like ``<points>`` (not seen in the card, harmless to accept).
+* A coordinate over 1000, or a triplet that is not ``digits ddd[d] ddd[d]``, drops that point only.
+* Output cut off inside ``coords``: every triplet that is complete is kept; the last number is trusted only
+  if whitespace or a separator came after it (``"… 2 173 6"`` may be ``600`` cut short, so that point goes).
+* The label is the ``alt`` attribute, else the element's text, else ``None``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..geometry import NormPoint, from_scale
+from .text import find_elements, replace_elements, require_str, stated_total, strip_chat_specials
+
+COORD_SCALE = 1000
+"""Molmo2 writes coordinates on 0..1000 of the image's width and height."""
+
+POINT_TAGS = ("points", "point")
+"""Tag names that carry Molmo2 points (``tracks`` is video-only and not read)."""
+
+_GROUP_SEPARATOR = re.compile(r"[\t:,;]")
+_INDEX = re.compile(r"\d{1,6}(?:\.\d{1,6})?")
+_ID = re.compile(r"\d{1,6}")
+_COORD = re.compile(r"\d{3,4}")
+
+
+def parse_points(raw: str, image_index: int | None = 1) -> list[NormPoint]:
+    """Points in Molmo2 output, normalised, in output order; ``[]`` when there are none or for garbage.
+
+    Args:
+        raw: the model's decoded text.
+        image_index: which image's points to return (1-based, as Molmo2 numbers them); ``None`` for all.
+
+    Never raises on a ``str`` (see the module docstring for what is dropped and why).
+    """
+    points: list[NormPoint] = []
+    for el in find_elements(require_str(raw), POINT_TAGS):
+        if "coords" in el.attrs:
+            coords = el.attrs["coords"]
+        elif "coords" in el.cut:
+            coords = _complete_prefix(el.cut["coords"])
+        else:
+            continue
+        label = el.label
+        for x, y in _coords_points(coords, image_index):
+            points.append(NormPoint(x, y, label))
+    return points
+
+
+def parse_count(raw: str) -> int | None:
+    """The total a counting answer states (``"… shows a total of 3."`` → 3), or ``None`` if it states none."""
+    return stated_total(clean_text(raw))
+
+
+def clean_text(raw: str) -> str:
+    """The answer as prose: point markup replaced by its label text, chat special tokens removed."""
+    return replace_elements(strip_chat_specials(require_str(raw)), POINT_TAGS)
+
+
+def _complete_prefix(partial: str) -> str:
+    """Drop the last number of a cut-off ``coords`` value unless something came after it."""
+    if partial and not (partial[-1].isspace() or _GROUP_SEPARATOR.match(partial[-1])):
+        tokens = re.split(r"(\s+|[\t:,;])", partial)
+        return "".join(tokens[:-1])
+    return partial
+
+
+def _coords_points(coords: str, image_index: int | None) -> list[tuple[float, float]]:
+    found: list[tuple[float, float]] = []
+    for group in _GROUP_SEPARATOR.split(coords):
+        tokens = group.split()
+        if not tokens or not _INDEX.fullmatch(tokens[0]):
+            continue
+        if image_index is not None and float(tokens[0]) != image_index:
+            continue
+        rest = tokens[1:]
+        for i in range(0, len(rest) - 2, 3):
+            point_id, xs, ys = rest[i : i + 3]
+            if not (_ID.fullmatch(point_id) and _COORD.fullmatch(xs) and _COORD.fullmatch(ys)):
+                continue
+            x, y = from_scale(float(xs), COORD_SCALE), from_scale(float(ys), COORD_SCALE)
+            if x is not None and y is not None:
+                found.append((x, y))
+    return found
