@@ -1,0 +1,37 @@
+"""Shared fixtures: images made on the fly, tiny models built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import png_bytes
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    """A 200×100 PNG on disk, inside the allowed roots of :func:`settings_for`."""
+    path = tmp_path / "shot.png"
+    path.write_bytes(png_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_paligemma_dir(tiny_models_root: Path) -> Path:
+    """A tiny random PaliGemma saved like a hub checkpoint (built once per test session)."""
+    from vlm_tools.testing.tiny_paligemma import build_tiny_paligemma
+
+    return build_tiny_paligemma(tiny_models_root / "paligemma")
+
+
+@pytest.fixture(scope="session")
+def tiny_molmo2_dir(tiny_models_root: Path) -> Path:
+    """A tiny random Molmo2 saved like a hub checkpoint (built once per test session)."""
+    from vlm_tools.testing.tiny_molmo2 import build_tiny_molmo2
+
+    return build_tiny_molmo2(tiny_models_root / "molmo2")
