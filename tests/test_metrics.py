@@ -56,6 +56,17 @@ def test_contradictory_outcomes_are_refused(outcome: str, code: str) -> None:
         Metrics().record_request("detect", outcome, code)  # type: ignore[arg-type]
 
 
+def test_an_error_reported_twice_is_counted_once() -> None:
+    metrics = Metrics()
+    busy, other_busy = Busy("full"), Busy("full")
+    metrics.record_error("detect", busy)  # the engine reports it ...
+    metrics.record_error("detect", busy)  # ... and the tool boundary sees the same object again
+    metrics.record_error("detect", other_busy)  # a second call that was refused too
+    metrics.record_error("detect", RuntimeError("no code"))
+    assert value(metrics, "vlm_tools_requests_total", tool="detect", outcome="error", code="busy") == 2
+    assert value(metrics, "vlm_tools_requests_total", tool="detect", outcome="error", code="internal_error") == 1
+
+
 def test_batch_sizes_times_and_queue_depth_are_exposed() -> None:
     metrics = Metrics()
     metrics.record_batch("m", "caption", 3)

@@ -227,7 +227,7 @@ class Engine:
         try:
             job = self._admit(backend, request, tool)
         except VlmToolsError as error:
-            self.metrics.record_request(tool, "error", error.code)
+            self.metrics.record_error(tool, error)
             raise
         self._jobs.add(job)
         try:
@@ -235,17 +235,18 @@ class Engine:
                 output = await job.future
         except TimeoutError:
             self._withdraw(job)
-            self.metrics.record_request(tool, "error", Timeout.code)
-            raise Timeout(
+            timeout = Timeout(
                 f"no answer from {backend.name} within {self.request_timeout_s:g} s (queue wait included); "
                 "the server is overloaded or the task is long: retry later or raise request_timeout_s"
-            ) from None
+            )
+            self.metrics.record_error(tool, timeout)
+            raise timeout from None
         except asyncio.CancelledError:
             self._withdraw(job)
             self.metrics.record_request(tool, "error", Cancelled.code)
             raise
         except Exception as error:
-            self.metrics.record_request(tool, "error", getattr(error, "code", "internal_error"))
+            self.metrics.record_error(tool, error)
             raise
         finally:
             self._jobs.discard(job)

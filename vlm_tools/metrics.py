@@ -4,7 +4,8 @@ Each :class:`Metrics` holds its own :class:`~prometheus_client.CollectorRegistry
 default one, so that several servers (tests build many) can live in one process without their series clashing
 or adding up. The engine records batches, times and the outcome of every request it accepts or refuses; the tool
 layer records outcomes of requests that failed before they reached the engine (a bad image, a blocked URL)
-through the same :meth:`Metrics.record_request`, so ``vlm_tools_requests_total`` counts every tool call once.
+through the same :meth:`Metrics.record_request`. :meth:`Metrics.record_error` counts an error object once even
+when both the engine and the tool boundary report it, so the boundary may report every error it sees.
 
 Label values are bounded by construction: ``model`` is a loaded model's name, ``tool`` one of the tool names,
 ``task`` a :class:`~vlm_tools.backends.base.Task` value and ``code`` one of the stable error codes (or ``none``).
@@ -12,6 +13,8 @@ Label values are bounded by construction: ``model`` is a loaded model's name, ``
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -70,6 +73,8 @@ class Metrics:
             ["tool", "outcome", "code"],
             registry=self.registry,
         )
+        self._counted_errors: weakref.WeakSet[BaseException] = weakref.WeakSet()
+        self._lock = threading.Lock()
 
     def record_request(self, tool: str, outcome: Outcome, code: str = "none") -> None:
         """Count one finished tool call: ``outcome`` is ``"ok"`` (``code`` then ``"none"``) or ``"error"``.
@@ -87,6 +92,21 @@ class Metrics:
         else:
             raise ValueError(f"outcome must be 'ok' or 'error', not {outcome!r}")
         self.requests.labels(tool=tool, outcome=outcome, code=code).inc()
+
+    def record_error(self, tool: str, error: BaseException) -> None:
+        """Count ``error`` as the outcome of one ``tool`` call, once per error object.
+
+        The code is the error's ``code`` (``internal_error`` for an exception without one). An error the engine
+        already counted and that then reaches the tool boundary is the same object, so it is not counted twice.
+        """
+        with self._lock:
+            try:
+                if error in self._counted_errors:
+                    return
+                self._counted_errors.add(error)
+            except TypeError:  # built-in exceptions take no weak references; only ours can be reported twice
+                pass
+        self.record_request(tool, "error", str(getattr(error, "code", "") or "internal_error"))
 
     def record_batch(self, model: str, task: str, size: int) -> None:
         """Record one ``run_batch`` call of ``size`` requests."""
