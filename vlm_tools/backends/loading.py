@@ -43,7 +43,7 @@ def _looks_local(model: str) -> bool:
     )
 
 
-def _unavailable(model: str, error: BaseException) -> ModelUnavailable:
+def model_unavailable(model: str, error: BaseException) -> ModelUnavailable:
     """Turn a hub/filesystem failure into a message that says how to make the model available."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -65,7 +65,9 @@ def _unavailable(model: str, error: BaseException) -> ModelUnavailable:
             f"{model} was not found on the Hugging Face hub (or it is private): check the id, set HF_TOKEN for a "
             "private model, or pass --model with a local directory holding the model"
         )
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    from huggingface_hub import constants
+
+    offline = constants.is_offline_mode()
     where = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
     return ModelUnavailable(
         f"{model} is not in the local cache and {where}: download it once with network access "
@@ -98,7 +100,7 @@ def read_family(model: str, *, trust_remote_code: bool = False) -> str:
     try:
         config, _ = PretrainedConfig.get_config_dict(model)
     except (OSError, ValueError) as error:  # hub errors arrive wrapped in OSError by transformers
-        raise _unavailable(model, error) from error
+        raise model_unavailable(model, error) from error
     model_type = str(config.get("model_type", ""))
     family = MODEL_TYPES.get(model_type)
     if family is None:

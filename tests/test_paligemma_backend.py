@@ -1,0 +1,275 @@
+"""The PaliGemma local backend on a tiny random PaliGemma 2 built offline, loaded like a hub checkpoint.
+
+The tiny model's answers are noise, but they are deterministic, depend on the prompt and the image, and come
+from the real processor and model code: so batched and unbatched runs must agree token for token, which fails
+if padding, position ids or the prefix attention mask are wrong.
+
+``tiny_paligemma_dir`` (tests/conftest.py) builds the model once per session with
+:func:`vlm_tools.testing.tiny_paligemma.build_tiny_paligemma`.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from vlm_tools.backends import generation  # noqa: E402
+from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
+from vlm_tools.backends.family import get_family  # noqa: E402
+from vlm_tools.backends.loading import load_backend  # noqa: E402
+from vlm_tools.backends.paligemma_local import PaliGemmaBackend  # noqa: E402
+from vlm_tools.errors import Cancelled, InvalidArgument  # noqa: E402
+from vlm_tools.geometry import NormBox, NormPoint  # noqa: E402
+from vlm_tools.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_paligemma_dir: Path) -> PaliGemmaBackend:
+    model = str(tiny_paligemma_dir)
+    loaded = load_backend(model, Settings(model=(model,), device="cpu", max_batch_size=8))
+    assert isinstance(loaded, PaliGemmaBackend)
+    return loaded
+
+
+def noise_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A deterministic random-pixel image (flat colours make a random model's output less image-dependent)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+def request(task: Task, seed: int = 0, **fields: object) -> Request:
+    fields.setdefault("max_new_tokens", 12)
+    return Request(task=task, image=noise_image(seed), **fields)  # type: ignore[arg-type]
+
+
+def test_loads_through_the_public_path(backend: PaliGemmaBackend, tiny_paligemma_dir: Path) -> None:
+    family = get_family("paligemma")
+    assert backend.name == str(tiny_paligemma_dir)
+    assert backend.family == "paligemma"
+    assert backend.native == family.native
+    assert backend.supported == family.supported
+    assert backend.max_batch_size == 8
+    assert backend.tokenizer.padding_side == "left"
+    assert not backend.model.training
+
+
+def test_saved_model_round_trips_paligemma_tokens(backend: PaliGemmaBackend) -> None:
+    tokenizer = backend.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(["<image>", "<loc0000>", "<loc1023>", "<seg000>", "<seg127>"])
+    assert tokenizer.unk_token_id not in ids
+    assert backend.model.config.image_token_id == ids[0]
+    assert backend.model.config.text_config.vocab_size >= len(tokenizer)
+    # The prompt layout PaliGemma needs: image tokens, <bos>, the prompt, and a "\n" that survives tokenising.
+    batch = backend.processor(text=["<image>caption en"], images=[noise_image(1)], return_tensors="pt")
+    text = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=False)
+    image_tokens = backend.processor.image_seq_length
+    assert text == "<image>" * image_tokens + "<bos>caption en\n"
+
+
+TASK_CASES = [
+    pytest.param(Task.CAPTION, {"detail": "brief"}, id="caption-brief"),
+    pytest.param(Task.CAPTION, {"detail": "detailed"}, id="caption-detailed"),
+    pytest.param(Task.ANSWER, {"text": "what colour is the sky?"}, id="answer"),
+    pytest.param(Task.DETECT, {"labels": ("cat", "dog", "traffic light")}, id="detect-several-labels"),
+    pytest.param(Task.POINT, {"text": "the red button", "max_points": 3}, id="point"),
+    pytest.param(Task.OCR, {}, id="ocr"),
+]
+
+
+@pytest.mark.parametrize(("task", "fields"), TASK_CASES)
+def test_every_task_runs_end_to_end(backend: PaliGemmaBackend, task: Task, fields: dict) -> None:
+    (outcome,) = backend.run_batch([request(task, **fields)])
+    assert isinstance(outcome, Output)
+    assert isinstance(outcome.raw, str) and outcome.raw
+    assert "<eos>" not in outcome.raw  # generation stops at EOS and it is cut off
+    assert all(isinstance(b, NormBox) and 0 <= b.x0 <= b.x1 <= 1 and 0 <= b.y0 <= b.y1 <= 1 for b in outcome.boxes)
+    assert all(isinstance(p, NormPoint) for p in outcome.points)
+    if task is Task.POINT:
+        assert outcome.point_source == "box_center"
+        assert len(outcome.points) == len(outcome.boxes) <= 3
+    if task in (Task.CAPTION, Task.ANSWER, Task.OCR):
+        assert outcome.boxes == [] and outcome.points == []
+    # Whatever the family makes of the raw text is what the backend returns.
+    assert outcome == get_family("paligemma").interpret(request(task, **fields), outcome.raw)
+
+
+BATCH_CASES = [
+    pytest.param(
+        Task.ANSWER,
+        [{"text": "why " * n + "?"} for n in (1, 7, 2, 12, 4, 1)],
+        id="answer-six-prompt-lengths",
+    ),
+    pytest.param(
+        Task.DETECT,
+        [{"labels": labels} for labels in (("cat",), ("a very long label name", "dog", "bird"), ("x", "y"), ("car",))],
+        id="detect-four-label-lists",
+    ),
+]
+
+
+@pytest.mark.parametrize(("task", "variants"), BATCH_CASES)
+def test_batched_raw_text_equals_unbatched(backend: PaliGemmaBackend, task: Task, variants: list[dict]) -> None:
+    requests = [request(task, seed=i, **v) for i, v in enumerate(variants)]
+    # Prompts of different lengths get padded: that is what this test is about.
+    assert len({len(backend.family_impl.prompt(r)) for r in requests}) > 1
+    batched = backend.run_batch(requests)
+    alone = [backend.run_batch([r])[0] for r in requests]
+    assert [o.raw for o in batched] == [o.raw for o in alone]
+    # The comparison has teeth only if outputs differ between requests.
+    assert len({o.raw for o in alone}) > 1
+
+
+def test_right_padding_would_be_caught(backend: PaliGemmaBackend) -> None:
+    """The equality check above detects a padding mistake (guards against a model too dull to tell)."""
+    requests = [request(Task.ANSWER, seed=i, text="why " * n + "?") for i, n in enumerate((1, 9, 3, 14))]
+    alone = [backend.run_batch([r])[0].raw for r in requests]
+    backend.tokenizer.padding_side = "right"
+    try:
+        wrong = [o.raw for o in backend.run_batch(requests)]
+    finally:
+        backend.tokenizer.padding_side = "left"
+    assert wrong != alone
+
+
+def record_decoded_rows(backend: PaliGemmaBackend, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Record the token ids of each row the backend decodes."""
+    rows: list[list[int]] = []
+    decode = backend.tokenizer.decode
+
+    def recording(ids, **kwargs):
+        rows.append(list(ids))
+        return decode(ids, **kwargs)
+
+    monkeypatch.setattr(backend.tokenizer, "decode", recording)
+    return rows
+
+
+def test_per_row_token_limits_in_a_mixed_batch(backend: PaliGemmaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = [3, 12, 1, 7]
+    requests = [request(Task.ANSWER, seed=0, text="what is here?", max_new_tokens=n) for n in limits]
+    rows = record_decoded_rows(backend, monkeypatch)
+    outcomes = backend.run_batch(requests)
+    assert all(isinstance(o, Output) for o in outcomes)
+    longest = rows[1]
+    assert len(longest) > 7, "the tiny model should not stop this early; the test needs a long row"
+    for row, limit in zip(rows, limits, strict=True):
+        # Greedy decoding of the same input: each row is the longest row cut at its own limit.
+        assert row == longest[:limit]
+
+
+class CancelAfterChecks(threading.Event):
+    """An event that sets itself on its ``n``-th check: a cancellation that arrives mid-generation, on cue."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.checks = 0
+        self.n = n
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        if self.checks >= self.n:
+            self.set()
+        return super().is_set()
+
+
+@pytest.mark.parametrize(
+    "make_event",
+    [
+        pytest.param(lambda: _set_event(), id="cancelled-before-start"),
+        pytest.param(lambda: CancelAfterChecks(3), id="cancelled-while-generating"),
+    ],
+)
+def test_a_cancelled_row_stops_while_the_rest_complete(backend: PaliGemmaBackend, make_event) -> None:
+    requests = [request(Task.ANSWER, seed=i, text="why " * (i + 1), max_new_tokens=10) for i in range(4)]
+    expected = [backend.run_batch([r])[0].raw for r in requests]
+    event = make_event()
+    requests[2].cancel = event
+    outcomes = backend.run_batch(requests)
+    assert isinstance(outcomes[2], Cancelled)
+    assert outcomes[2].code == "cancelled"
+    assert [o.raw for i, o in enumerate(outcomes) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    if isinstance(event, CancelAfterChecks):
+        # Checked once before the batch and once per generated token: it stopped early, not at its limit.
+        assert event.checks < 10
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
+def test_every_row_cancelled_skips_generation(backend: PaliGemmaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    called = []
+    monkeypatch.setattr(generation, "generate_rows", lambda *a, **k: called.append(1) or [])
+    requests = [request(Task.OCR, seed=i) for i in range(2)]
+    for r in requests:
+        r.cancel.set()
+    assert all(isinstance(o, Cancelled) for o in backend.run_batch(requests))
+    assert called == []
+
+
+def test_a_bad_request_fails_alone(backend: PaliGemmaBackend) -> None:
+    good = request(Task.ANSWER, seed=1, text="what is this?")
+    outcomes = backend.run_batch([good, request(Task.ANSWER, seed=2, text="   "), good])
+    assert isinstance(outcomes[1], InvalidArgument)
+    assert isinstance(outcomes[0], Output) and outcomes[0].raw == outcomes[2].raw
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        pytest.param("what is <image> here?", id="image-token"),
+        pytest.param("<bos><eos> end?", id="control-tokens"),
+        pytest.param("is it at <loc0100><loc0200>?", id="location-tokens"),
+    ],
+)
+def test_reserved_token_spellings_in_user_text_stay_text(backend: PaliGemmaBackend, question: str) -> None:
+    # Without neutralising, "<image>" in a question would add image placeholders the model has no features for.
+    (outcome,) = backend.run_batch([request(Task.ANSWER, text=question)])
+    assert isinstance(outcome, Output)
+    batch = backend.processor(
+        text=["<image>" + backend._neutralise(backend.family_impl.prompt(request(Task.ANSWER, text=question)))],
+        images=[noise_image(0)],
+        return_tensors="pt",
+    )
+    ids = batch["input_ids"][0].tolist()
+    assert ids.count(backend.model.config.image_token_id) == backend.processor.image_seq_length
+    assert ids.count(backend.tokenizer.bos_token_id) == 1
+    assert backend.tokenizer.eos_token_id not in ids
+
+
+# --- the real model on a GPU ------------------------------------------------------------------------------
+
+REAL_MODEL = "google/paligemma2-3b-mix-448"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_paligemma_in_4bit_finds_a_red_square() -> None:
+    pytest.importorskip("bitsandbytes")
+    from vlm_tools.backends.loading import ModelUnavailable
+
+    try:
+        real = load_backend(REAL_MODEL, Settings(model=(REAL_MODEL,), device="cuda", quantize="4bit"))
+    except ModelUnavailable as error:
+        pytest.skip(f"{REAL_MODEL} is not available here: {error.message}")
+    image = Image.new("RGB", (640, 480), "white")
+    image.paste((220, 20, 20), (160, 120, 480, 360))  # x0, y0, x1, y1 → normalised 0.25, 0.25, 0.75, 0.75
+    (outcome,) = real.run_batch(
+        [Request(task=Task.DETECT, image=image, labels=("red square",), max_new_tokens=64)]
+    )
+    assert isinstance(outcome, Output), outcome
+    assert outcome.boxes, f"no box in {outcome.raw!r}"
+    box = outcome.boxes[0]
+    for got, want in zip((box.x0, box.y0, box.x1, box.y1), (0.25, 0.25, 0.75, 0.75), strict=True):
+        assert abs(got - want) < 0.06, (outcome.raw, box)
+    real.close()
