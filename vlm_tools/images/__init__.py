@@ -1,0 +1,28 @@
+"""The safe inputs layer: every image source an agent may send, turned into a checked RGB image.
+
+* :mod:`.decode` — bytes → upright 8-bit RGB (format allowlist, pixel cap before decoding);
+* :mod:`.paths` — local files confined to the allowed directories;
+* :mod:`.fetch` — SSRF-safe http(s) fetching;
+* :mod:`.store` — decoded images kept for reuse by ``image_id``;
+* :mod:`.sources` — the one entry point: any accepted source form → a stored image.
+"""
+
+from .decode import ACCEPTED_FORMATS, decode_image
+from .fetch import UrlFetcher, check_address
+from .paths import read_file_capped, resolve_allowed_path
+from .sources import ACCEPTED_FORMS, ImageSources, StoredImage
+from .store import ImageStore, is_image_id
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "ACCEPTED_FORMS",
+    "ImageSources",
+    "ImageStore",
+    "StoredImage",
+    "UrlFetcher",
+    "check_address",
+    "decode_image",
+    "is_image_id",
+    "read_file_capped",
+    "resolve_allowed_path",
+]
