@@ -85,12 +85,12 @@ def test_unsupported_family_names_the_supported_ones(tmp_path: Path, config: dic
         pytest.param(lambda root: str(root / "missing"), "is not a directory", id="missing-local-dir"),
         pytest.param(lambda root: str(root), "no config.json", id="dir-without-config"),
         pytest.param(lambda root: "no-such-org/no-such-model-3b", "HF_HUB_OFFLINE is set", id="unknown-hub-id-offline"),
-        pytest.param(lambda root: "google/paligemma2-3b-mix-448", "--model with a local directory", id="uncached-hub-id"),
+        pytest.param(
+            lambda root: "google/paligemma2-3b-mix-448", "--model with a local directory", id="uncached-hub-id"
+        ),
     ],
 )
-def test_unavailable_models_say_how_to_fix_it(
-    tmp_path: Path, offline_hub: None, make_model, needle: str
-) -> None:
+def test_unavailable_models_say_how_to_fix_it(tmp_path: Path, offline_hub: None, make_model, needle: str) -> None:
     model = make_model(tmp_path)
     with pytest.raises(ModelUnavailable) as caught:
         read_family(model)
@@ -120,7 +120,9 @@ def _hub_error(kind: str) -> OSError:
             ("accept the licence at https://huggingface.co/google/paligemma2-3b-mix-448", "HF_TOKEN", "--model"),
             id="gated-paligemma",
         ),
-        pytest.param("acme/gated-thing", "gated", ("https://huggingface.co/acme/gated-thing", "HF_TOKEN"), id="gated-other"),
+        pytest.param(
+            "acme/gated-thing", "gated", ("https://huggingface.co/acme/gated-thing", "HF_TOKEN"), id="gated-other"
+        ),
         pytest.param("acme/typo", "missing", ("not found", "check the id"), id="repository-not-found"),
     ],
 )
@@ -262,7 +264,9 @@ STOP_CASES = [
     pytest.param([[5, 6]], [1, 5], [None, None], (), [True, False], [False, False], id="row-limit-reached"),
     pytest.param([[1, 6]], [5, 5], [None, None], (1,), [True, False], [False, False], id="eos-finishes-a-row"),
     pytest.param([[5, 6], [7, 8]], [5, 5], [None, 2], (), [False, True], [False, True], id="cancel-mid-run"),
-    pytest.param([[1, 6], [0, 8]], [5, 5], [2, None], (1,), [True, False], [False, False], id="cancel-after-eos-ignored"),
+    pytest.param(
+        [[1, 6], [0, 8]], [5, 5], [2, None], (1,), [True, False], [False, False], id="cancel-after-eos-ignored"
+    ),
     pytest.param([[5, 6]], [1, 5], [1, None], (), [True, False], [False, False], id="limit-wins-over-late-cancel"),
 ]
 

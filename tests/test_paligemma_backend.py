@@ -264,9 +264,7 @@ def test_real_paligemma_in_4bit_finds_a_red_square() -> None:
         pytest.skip(f"{REAL_MODEL} is not available here: {error.message}")
     image = Image.new("RGB", (640, 480), "white")
     image.paste((220, 20, 20), (160, 120, 480, 360))  # x0, y0, x1, y1 → normalised 0.25, 0.25, 0.75, 0.75
-    (outcome,) = real.run_batch(
-        [Request(task=Task.DETECT, image=image, labels=("red square",), max_new_tokens=64)]
-    )
+    (outcome,) = real.run_batch([Request(task=Task.DETECT, image=image, labels=("red square",), max_new_tokens=64)])
     assert isinstance(outcome, Output), outcome
     assert outcome.boxes, f"no box in {outcome.raw!r}"
     box = outcome.boxes[0]

@@ -124,6 +124,11 @@ def cut_row(tokens: Sequence[int], limit: int, eos_token_ids: Iterable[int]) -> 
 # --- where and how a model runs ---------------------------------------------------------------------------
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
 def resolve_device(setting: str) -> str:
     """The device to load onto: the setting itself, or for ``auto`` CUDA, then MPS, then CPU.
 
@@ -132,12 +137,12 @@ def resolve_device(setting: str) -> str:
     if setting == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return "mps"
         return "cpu"
     if setting == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
-    if setting == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if setting == "mps" and not _mps_available():
         raise ConfigurationError("--device mps was asked for but MPS is not available: use --device auto or cpu")
     if setting not in ("cuda", "mps", "cpu"):
         raise ConfigurationError(f"unknown device {setting!r}: use auto, cuda, mps or cpu")
@@ -175,9 +180,7 @@ def quantization_config(setting: str, device: str) -> Any | None:
     from transformers import BitsAndBytesConfig
 
     if setting == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 

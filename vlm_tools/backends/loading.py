@@ -118,8 +118,14 @@ def read_family(model: str, *, trust_remote_code: bool = False) -> str:
 def load_backend(model: str, settings: Settings) -> Backend:
     """Load ``model`` as a resident backend of its family (read from its config)."""
     family = read_family(model, trust_remote_code=settings.trust_remote_code)
-    log.info("loading %s (family %s) on device=%s dtype=%s quantize=%s", model, family, settings.device,
-             settings.dtype, settings.quantize)
+    log.info(
+        "loading %s (family %s) on device=%s dtype=%s quantize=%s",
+        model,
+        family,
+        settings.device,
+        settings.dtype,
+        settings.quantize,
+    )
     if family == "paligemma":
         from .paligemma_local import PaliGemmaBackend
 

@@ -33,8 +33,9 @@ IMAGE_TOKEN = "<image>"
 class PaliGemmaBackend(Backend):
     """A PaliGemma (2) checkpoint kept resident; runs a batch of one task in one ``generate`` call."""
 
-    def __init__(self, name: str, model: Any, processor: Any, *, device: str, dtype: torch.dtype,
-                 max_batch_size: int) -> None:
+    def __init__(
+        self, name: str, model: Any, processor: Any, *, device: str, dtype: torch.dtype, max_batch_size: int
+    ) -> None:
         self.name = name
         self.family_impl = get_family("paligemma")
         self.family = self.family_impl.name
@@ -49,8 +50,9 @@ class PaliGemmaBackend(Backend):
         self.device = device
         self.dtype = dtype
         self.eos_token_ids = _eos_ids(model, self.tokenizer)
-        self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                                else self.eos_token_ids[0])
+        self.pad_token_id = int(
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        )
         self._reserved = _reserved_token_pattern(self.tokenizer)
 
     @classmethod
@@ -70,8 +72,9 @@ class PaliGemmaBackend(Backend):
             network = network.to(device)
         network.eval()
         log.info("loaded %s on %s (%s)", model, device, kwargs["dtype"])
-        return cls(model, network, processor, device=device, dtype=kwargs["dtype"],
-                   max_batch_size=settings.max_batch_size)
+        return cls(
+            model, network, processor, device=device, dtype=kwargs["dtype"], max_batch_size=settings.max_batch_size
+        )
 
     # --- running ------------------------------------------------------------------------------------------
 
