@@ -71,6 +71,12 @@ class Runtime:
     limits: GenerationLimits = field(default_factory=GenerationLimits)
     backends: list[Backend] = field(default_factory=list)
 
+    def max_new_tokens(self, task: Task, detail: str = "brief") -> int:
+        """The token limit for a task: the per-task default, under the configured cap."""
+        limit = self.limits.for_request(task, detail)  # type: ignore[arg-type]
+        cap = self.settings.max_new_tokens
+        return min(limit, cap) if cap else limit
+
 
 # --- tool parameters --------------------------------------------------------------------------------------
 
@@ -108,16 +114,15 @@ AnnotateArg = Annotated[
 def _scope(ctx: Context) -> str:
     """The client session image handles belong to.
 
-    Streamable-HTTP clients that hold a session (``Mcp-Session-Id``) get a private scope. stdio serves a single
-    client; sessionless requests share the process scope, where ids (128 random bits) act as capabilities.
+    A streamable-HTTP client holding a session (``Mcp-Session-Id``, protocol revisions up to 2025-11-25) gets a
+    private scope. The 2026-07-28 revision has no sessions: its requests, like stdio's single client, share the
+    process scope, where an id (128 random bits) works as a capability only its receiver knows.
     """
     headers = ctx.headers
-    if headers is not None:
-        sid = headers.get("mcp-session-id")
-        if sid:
-            return f"session:{sid}"
-        return "http"
-    return "local"
+    if headers is None:
+        return "local"
+    session = headers.get("mcp-session-id")
+    return f"session:{session}" if session else "http"
 
 
 def _runtime(ctx: Context) -> Runtime:
@@ -132,19 +137,13 @@ class VisionServer(MCPServer):
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
             cause = exc.__cause__
-            code = None
-            if isinstance(cause, VlmToolsError):
-                code = cause.code
-                message = str(cause)
-            elif isinstance(cause, ValidationError):
-                code = InvalidArgument.code
-                message = str(InvalidArgument(_describe_validation(cause)))
-            if code is None:
+            if isinstance(cause, ValidationError):
+                cause = InvalidArgument(_describe_validation(cause))
+            if not isinstance(cause, VlmToolsError):
                 raise
-            runtime = context.request_context.lifespan_context if context and context._request_context else None
-            if isinstance(runtime, Runtime):
-                runtime.metrics.record_request(name, "error", code)
-            raise ToolError(message) from cause
+            # Counted once per error object: errors the engine raised are already counted there.
+            self.metrics.record_error(name, cause)
+            raise ToolError(str(cause)) from exc.__cause__
 
 
 def _describe_validation(error: ValidationError) -> str:
@@ -259,7 +258,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
         stored = await runtime.sources.load_image(image, _scope(ctx))
         request = Request(
             Task.CAPTION, stored.image, detail=detail, language=language,
-            max_new_tokens=runtime.limits.for_request(Task.CAPTION, detail),
+            max_new_tokens=runtime.max_new_tokens(Task.CAPTION, detail),
         )  # fmt: skip
         output, backend = await _run(ctx, "describe_image", stored, request)
         return DescribeResult(
@@ -278,7 +277,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
         stored = await runtime.sources.load_image(image, _scope(ctx))
         request = Request(
             Task.ANSWER, stored.image, text=question, language=language,
-            max_new_tokens=runtime.limits.for_request(Task.ANSWER),
+            max_new_tokens=runtime.max_new_tokens(Task.ANSWER),
         )  # fmt: skip
         output, backend = await _run(ctx, "answer_about_image", stored, request)
         return AnswerResult(
@@ -307,7 +306,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
         stored = await runtime.sources.load_image(image, _scope(ctx))
         request = Request(
             Task.POINT, stored.image, text=description, max_points=max_points,
-            max_new_tokens=runtime.limits.for_request(Task.POINT),
+            max_new_tokens=runtime.max_new_tokens(Task.POINT),
         )  # fmt: skip
         output, backend = await _run(ctx, "point_to_object", stored, request)
         points = [point_result(p, stored.size, frame, source=output.point_source) for p in output.points[:max_points]]
@@ -341,7 +340,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
             raise InvalidArgument("labels must contain at least one non-blank label")
         stored = await runtime.sources.load_image(image, _scope(ctx))
         request = Request(
-            Task.DETECT, stored.image, labels=clean, max_new_tokens=runtime.limits.for_request(Task.DETECT)
+            Task.DETECT, stored.image, labels=clean, max_new_tokens=runtime.max_new_tokens(Task.DETECT)
         )
         output, backend = await _run(ctx, "detect", stored, request)
         detections = [
@@ -389,7 +388,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
             for number in doc.selected:
                 # Cancellation lands at these awaits: a cancelled call renders and reads no further page.
                 page = await doc.render(number)
-                request = Request(Task.OCR, page.stored.image, max_new_tokens=runtime.limits.for_request(Task.OCR))
+                request = Request(Task.OCR, page.stored.image, max_new_tokens=runtime.max_new_tokens(Task.OCR))
                 output = await runtime.engine.submit(backend, request, tool="read_document")
                 results.append(
                     DocumentPage(

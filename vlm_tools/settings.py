@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, description="Time limit for one request, queue wait included.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long running requests may finish.")
 
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=8192, description="Cap on new tokens per request for every task (default: the per-task limits)."
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level (stderr).")
 
     @field_validator("allow_path")
