@@ -252,7 +252,8 @@ class ServerPool:
         """One request to one server: the content, a typed error, or :class:`_Retry` to go elsewhere."""
         url = server.url + "/chat/completions"
         for _ in range(2):  # the second round only after the server refused the extra parameters
-            payload = {**body, **VLLM_EXTRAS} if server.send_extras else body
+            with_extras = server.send_extras  # read once: a concurrent request may clear it meanwhile
+            payload = {**body, **VLLM_EXTRAS} if with_extras else body
             try:
                 response = await self._client.post(url, json=payload)
             except httpx.TimeoutException as error:
@@ -269,9 +270,10 @@ class ServerPool:
             if status == 200:
                 return chat_content(server.url, response)
             message = error_message(response)
-            if status in (400, 422) and server.send_extras and any(k in message for k in VLLM_EXTRAS):
-                log.info("inference server %s refuses %s; sending requests without it", server.url,
-                         ", ".join(VLLM_EXTRAS))
+            if status in (400, 422) and with_extras and any(k in message for k in VLLM_EXTRAS):
+                if server.send_extras:
+                    log.info("inference server %s refuses %s; sending requests without it", server.url,
+                             ", ".join(VLLM_EXTRAS))
                 server.send_extras = False
                 continue
             break
