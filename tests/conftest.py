@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny models on a small CPU: one thread per process is steadier and faster than oversubscribed cores, for this
+# process and for the servers the tests start (they inherit the environment).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from helpers import png_bytes
