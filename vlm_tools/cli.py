@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import __version__
 from .errors import VlmToolsError
 from .settings import Settings, add_arguments, from_arguments
@@ -108,17 +110,21 @@ def _tool_call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     raise AssertionError(cmd)
 
 
-async def _one_shot(settings: Settings, args: argparse.Namespace) -> int:
-    import base64
-
+async def _call(settings: Settings, name: str, arguments: dict[str, Any]) -> Any:
     from mcp import Client
 
     from .server import build_server
 
+    async with Client(build_server(settings)) as client:
+        return await client.call_tool(name, arguments)
+
+
+def _one_shot(settings: Settings, args: argparse.Namespace) -> int:
+    import base64
+    from pathlib import Path
+
     name, arguments = _tool_call(args)
-    server = build_server(settings)
-    async with Client(server) as client:
-        result = await client.call_tool(name, arguments)
+    result = asyncio.run(_call(settings, name, arguments))
     if result.is_error:
         text = " ".join(getattr(block, "text", "") for block in result.content)
         print(text, file=sys.stderr)
@@ -128,8 +134,7 @@ async def _one_shot(settings: Settings, args: argparse.Namespace) -> int:
     if path:
         for block in result.content:
             if getattr(block, "type", None) == "image":
-                with open(path, "wb") as f:
-                    f.write(base64.b64decode(block.data))
+                Path(path).write_bytes(base64.b64decode(block.data))
     return 0
 
 
@@ -139,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = from_arguments(args)
-    except Exception as exc:  # pydantic ValidationError: show it as a usage error
+    except ValidationError as exc:
         parser.error(str(exc))
     _configure_logging(settings.log_level)
     try:
@@ -151,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluation import run_eval
 
             return run_eval(settings, args)
-        return asyncio.run(_one_shot(settings, args))
+        return _one_shot(settings, args)
     except VlmToolsError as exc:
         print(f"vlm-tools: {exc}", file=sys.stderr)
         return 2

@@ -122,7 +122,7 @@ def build_http_app(server: VisionServer, settings: Settings, port: int) -> ASGIA
 
     @server.custom_route("/health", methods=["GET"])
     async def health(_: Request) -> Response:
-        runtime = getattr(server, "runtime", None)
+        runtime = server.runtime
         if runtime is None:
             return JSONResponse({"ok": False, "status": "starting or stopping"}, status_code=503)
         state = runtime.engine.health()
@@ -131,7 +131,7 @@ def build_http_app(server: VisionServer, settings: Settings, port: int) -> ASGIA
 
     @server.custom_route("/metrics", methods=["GET"])
     async def metrics(_: Request) -> Response:
-        body, content_type = server.metrics.render()  # type: ignore[attr-defined]
+        body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
 
     app = server.streamable_http_app(

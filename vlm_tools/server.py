@@ -27,7 +27,7 @@ from .backends.base import Backend, GenerationLimits, Output, Request, Task
 from .engine import Engine
 from .errors import InvalidArgument, VlmToolsError
 from .geometry import box_result, point_result
-from .images.sources import ImageSources, StoredImage
+from .images.sources import ImageSources
 from .images.store import ImageStore
 from .metrics import Metrics
 from .results import (
@@ -130,7 +130,16 @@ def _runtime(ctx: Context) -> Runtime:
 
 
 class VisionServer(MCPServer):
-    """MCPServer that turns the project's errors into tool errors whose message starts with the code."""
+    """MCPServer that turns the project's errors into tool errors whose message starts with the code.
+
+    It also holds what the HTTP routes need: the metrics, and the runtime while the lifespan is active (``None``
+    before the models are loaded and after shutdown began).
+    """
+
+    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+        self.runtime: Runtime | None = None
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
         try:
@@ -168,7 +177,7 @@ def _with_image(result: BaseModel, png: bytes | None) -> CallToolResult:
     return CallToolResult(content=content, structured_content=data)
 
 
-async def _run(ctx: Context, tool: str, image: StoredImage, request: Request) -> tuple[Output, Backend]:
+async def _run(ctx: Context, tool: str, request: Request) -> tuple[Output, Backend]:
     runtime = _runtime(ctx)
     backend = runtime.router.backend_for(tool)
     output = await runtime.engine.submit(backend, request, tool=tool)
@@ -215,10 +224,8 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         log_level=settings.log_level.upper(),  # type: ignore[arg-type]
+        metrics=metrics,
     )
-    server.runtime = None  # type: ignore[attr-defined]
-    server.metrics = metrics  # type: ignore[attr-defined]
-    server.vlm_settings = settings  # type: ignore[attr-defined]
     _register_tools(server, settings)
     return server
 
@@ -243,7 +250,7 @@ def _annotations(settings: Settings, title: str) -> ToolAnnotations:
     )
 
 
-def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: C901 - one block per tool
+def _register_tools(server: VisionServer, settings: Settings) -> None:
     @server.tool(annotations=_annotations(settings, "Describe an image"))
     async def describe_image(
         image: ImageArg,
@@ -260,7 +267,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
             Task.CAPTION, stored.image, detail=detail, language=language,
             max_new_tokens=runtime.max_new_tokens(Task.CAPTION, detail),
         )  # fmt: skip
-        output, backend = await _run(ctx, "describe_image", stored, request)
+        output, backend = await _run(ctx, "describe_image", request)
         return DescribeResult(
             image_id=stored.image_id, image_size=stored.size, model=backend.name, raw=output.raw, text=output.text
         )
@@ -279,7 +286,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
             Task.ANSWER, stored.image, text=question, language=language,
             max_new_tokens=runtime.max_new_tokens(Task.ANSWER),
         )  # fmt: skip
-        output, backend = await _run(ctx, "answer_about_image", stored, request)
+        output, backend = await _run(ctx, "answer_about_image", request)
         return AnswerResult(
             image_id=stored.image_id, image_size=stored.size, model=backend.name, raw=output.raw, answer=output.text
         )
@@ -308,7 +315,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
             Task.POINT, stored.image, text=description, max_points=max_points,
             max_new_tokens=runtime.max_new_tokens(Task.POINT),
         )  # fmt: skip
-        output, backend = await _run(ctx, "point_to_object", stored, request)
+        output, backend = await _run(ctx, "point_to_object", request)
         points = [point_result(p, stored.size, frame, source=output.point_source) for p in output.points[:max_points]]
         result = PointResult(
             image_id=stored.image_id, image_size=stored.size, model=backend.name, raw=output.raw,
@@ -342,7 +349,7 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
         request = Request(
             Task.DETECT, stored.image, labels=clean, max_new_tokens=runtime.max_new_tokens(Task.DETECT)
         )
-        output, backend = await _run(ctx, "detect", stored, request)
+        output, backend = await _run(ctx, "detect", request)
         detections = [
             Detection(label=box.label or "", box=box_result(box, stored.size, frame)) for box in output.boxes
         ]
@@ -390,12 +397,11 @@ def _register_tools(server: VisionServer, settings: Settings) -> None:  # noqa: 
                 page = await doc.render(number)
                 request = Request(Task.OCR, page.stored.image, max_new_tokens=runtime.max_new_tokens(Task.OCR))
                 output = await runtime.engine.submit(backend, request, tool="read_document")
-                results.append(
-                    DocumentPage(
-                        page=number, image_id=page.stored.image_id, image_size=page.stored.size,
-                        page_size_pt=page.page_size, text=output.text, raw=output.raw,
-                    )  # fmt: skip
-                )
+                result = DocumentPage(
+                    page=number, image_id=page.stored.image_id, image_size=page.stored.size,
+                    page_size_pt=page.page_size, text=output.text, raw=output.raw,
+                )  # fmt: skip
+                results.append(result)
                 await ctx.report_progress(len(results), total, f"read page {number} of {doc.page_count}")
             page_count = doc.page_count
         return DocumentResult(pages=results, page_count=page_count, model=backend.name)
