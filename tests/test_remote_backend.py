@@ -268,6 +268,18 @@ def test_a_downed_server_is_skipped_then_tried_again_after_its_back_off(fake: Fa
         remote.close()
 
 
+def test_one_outage_counts_once_however_many_requests_it_fails(fake: FakeOpenAI, other: FakeOpenAI) -> None:
+    fake.script = Reply(status=500, delay_s=0.2)  # several requests in flight when they all fail
+    remote = backend(fake.url, other.url, backoff_s=(0.5, 30.0))
+    try:
+        assert remote.run_batch([detect() for _ in range(6)]) == [Output(raw=BOX_RAW, boxes=[BOX])] * 6
+        assert len(fake.chat_bodies) == 3 and len(other.chat_bodies) == 6
+        time.sleep(0.7)  # one outage: 0.5 s, not 0.5 × 2 × 2
+        assert all(s["up"] for s in remote.pool.snapshot())
+    finally:
+        remote.close()
+
+
 # --- cancellation --------------------------------------------------------------------------------------------
 
 

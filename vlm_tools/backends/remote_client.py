@@ -211,13 +211,16 @@ class ServerPool:
         return choice
 
     def _mark_down(self, server: Server, reason: str, *, brief: bool = False) -> None:
+        """Leave ``server`` alone for a back-off that doubles with each outage (not with each failed request:
+        the requests in flight when a server dies all fail at once, and count as one outage)."""
+        now = time.monotonic()
+        if not server.is_up(now):
+            return
         server.failures = 1 if brief else server.failures + 1
         first, longest = self.backoff_s
         pause = min(longest, first * 2 ** (server.failures - 1))
-        was_up = server.is_up(time.monotonic())
-        server.down_until = time.monotonic() + pause
-        if was_up:
-            log.warning("inference server %s marked down for %.0f s: %s", server.url, pause, reason)
+        server.down_until = now + pause
+        log.warning("inference server %s marked down for %.0f s: %s", server.url, pause, reason)
 
     async def _complete(self, body: dict[str, Any]) -> str:
         tried: set[Server] = set()
