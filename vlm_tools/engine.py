@@ -70,6 +70,7 @@ class _Lane:
     stopping: bool = False
     dead: bool = False
     last_error: str | None = None
+    freed_at: float = 0.0  # time.monotonic() when a worker last finished a batch (the model became free)
 
 
 def _settle(future: asyncio.Future[Output], value: Output | BaseException) -> None:
@@ -306,6 +307,7 @@ class Engine:
                 self._run(lane, batch)
                 with lane.cond:
                     lane.running -= len(batch)
+                    lane.freed_at = time.monotonic()
                 batch = []
         except BaseException as error:  # noqa: BLE001 - the point is to catch everything and say so
             logger.critical("worker of model %s died", lane.backend.name, exc_info=error)
@@ -321,9 +323,11 @@ class Engine:
                     lane.cond.wait()
                     continue
                 head = lane.queue[0]
-                # The wait is counted from the head's arrival: batching adds at most batch_wait_s to its latency,
-                # and a backlog that built up while the model was busy starts at once.
-                gather_until = head.enqueued_at + self.batch_wait_s
+                # The wait is counted from when the head could first have run: its arrival, or the end of the
+                # batch it waited behind. Batching thus holds a request at most batch_wait_s beyond that. Counting
+                # from arrival alone starts a backlog at once, before the callers that batch just answered can
+                # come back, and concurrent callers then split for good into smaller batches that take turns.
+                gather_until = max(head.enqueued_at, lane.freed_at) + self.batch_wait_s
                 while (
                     not lane.stopping
                     and lane.queue
