@@ -8,13 +8,19 @@ and says no more than whether the server can serve.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
+import math
+import signal
 import socket
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 
+import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -157,16 +163,68 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(server: VisionServer, settings: Settings) -> None:
-    """Serve over streamable HTTP until SIGINT/SIGTERM, then drain (uvicorn runs the lifespan's shutdown)."""
-    import uvicorn
+# Beyond the drain: time to write the last responses and to close streams that stay open (a session's GET event
+# stream), which uvicorn then cuts.
+_RESPONSE_GRACE_S = 3
 
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, stopped the way this server promises: every call it received is answered, then exit 0.
+
+    On SIGINT/SIGTERM it stops accepting connections, reads what already arrived on open ones, and drains the
+    engine while uvicorn waits for the open responses: queued calls are answered ``shutting_down`` at once and
+    running ones finish within ``drain_timeout_s`` (or are answered ``shutting_down`` then), so no received call
+    loses its connection. Left to itself, uvicorn would close a connection whose request was still unread, keep
+    the engine running queued work while it waits, cut what is unfinished at its graceful time-out, and finally
+    re-raise the signal, so the process would die by SIGTERM instead of exiting normally.
+    """
+
+    def __init__(self, config: uvicorn.Config, vision: VisionServer) -> None:
+        super().__init__(config)
+        self.vision = vision
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Handle SIGINT/SIGTERM as a request to stop; unlike uvicorn's version, do not re-raise them after."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting, read what arrived, start the engine's drain, then uvicorn's own shutdown."""
+        for server in self.servers:
+            server.close()
+        # uvicorn closes at once a connection with no request in progress: let the loop read the requests that
+        # are already in the connections' buffers first, so that they are answered instead of dropped.
+        await asyncio.sleep(0.05)
+        runtime = self.vision.runtime
+        drain = None
+        if runtime is not None:
+            logger.info("stopping: draining requests (up to %g s)", runtime.settings.drain_timeout_s)
+            # Runs while uvicorn waits for the open responses; the lifespan's own shutdown call awaits it.
+            drain = asyncio.ensure_future(runtime.engine.shutdown())
+        await super().shutdown(sockets)
+        if drain is not None:
+            await drain
+
+
+async def serve_http(server: VisionServer, settings: Settings) -> None:
+    """Serve over streamable HTTP until SIGINT/SIGTERM, then drain (see :class:`DrainingServer`)."""
     check_bind(settings)
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     app = build_http_app(server, settings, port)
     config = uvicorn.Config(
-        app, log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5
+        app,
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + _RESPONSE_GRACE_S,
     )
     logger.info("serving MCP at http://%s:%d/mcp", _bracket(settings.host), port)
-    await uvicorn.Server(config).serve(sockets=[sock])
+    await DrainingServer(config, server).serve(sockets=[sock])
