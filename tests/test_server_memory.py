@@ -403,7 +403,22 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[str, str, dict[str, object], str]]
         ("missing_argument", "describe_image", {}, "invalid_argument"),
         ("wrong_type", "describe_image", {"image": 5}, "invalid_argument"),
         ("extra_nul_path", "describe_image", {"image": str(tmp_path / "ok.png") + "\x00.png"}, "path_not_allowed"),
+        ("javascript_url", "describe_image", {"image": "javascript:alert(1)"}, "url_blocked"),
+        ("gopher_url", "describe_image", {"image": "gopher://example.com/x"}, "url_blocked"),
+        ("file_url_outside", "describe_image", {"image": "file:///etc/hostname"}, "path_not_allowed"),
+        ("truncated_png_uri", "describe_image", {"image": data_uri(png_bytes()[:60])}, "invalid_image"),
+        ("svg_uri", "describe_image", {"image": data_uri(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")}, "invalid_image"),
+        ("html_as_base64", "describe_image", {"image": base64.b64encode(b"<html><body>hi</body></html>").decode()}, "invalid_image"),
+        ("malformed_id", "describe_image", {"image": "img_zzz"}, "unknown_image_id"),
+        ("page_zero", "read_document", {"document": str(tmp_path / "doc.pdf"), "pages": "0"}, "invalid_argument"),
+        ("page_huge", "read_document", {"document": str(tmp_path / "doc.pdf"), "pages": "1-99999999999"}, "invalid_argument"),
+        ("label_too_long", "detect", {"image": image, "labels": ["x" * 101]}, "invalid_argument"),
+        ("empty_description", "point_to_object", {"image": image, "description": ""}, "invalid_argument"),
     ]  # fmt: skip
+
+
+def test_the_bad_input_corpus_is_large_enough(tmp_path: Path) -> None:
+    assert len(_bad_inputs(tmp_path)) >= 40
 
 
 async def test_each_bad_input_gets_its_code_and_the_server_keeps_serving(
