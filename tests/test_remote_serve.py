@@ -55,7 +55,8 @@ def servers(served_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     work = tmp_path_factory.mktemp("serve")
     started: list[ServeProcess] = []
     try:
-        started = [ServeProcess(served_dir, work), ServeProcess(served_dir, work)]  # both start loading at once
+        # Both start loading at once; one torch thread each, so two servers and the local model share the cores.
+        started = [ServeProcess(served_dir, work, threads=1), ServeProcess(served_dir, work, threads=1)]
         for server in started:
             server.wait_ready()
         yield started[0], started[1]

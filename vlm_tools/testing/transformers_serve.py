@@ -57,10 +57,12 @@ class ServeProcess:
         work_dir: where the hub cache directory and the log file go.
         continuous_batching: pass ``--continuous-batching``.
         device: ``--device`` (``cpu`` in tests).
+        threads: torch's intra-op threads in the server (``OMP_NUM_THREADS``); ``None`` keeps the default (one per
+            core), which on a small machine shared with other processes oversubscribes the cores badly.
     """
 
     def __init__(self, model_dir: Path, work_dir: Path, *, continuous_batching: bool = False,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", threads: int | None = None) -> None:
         self.model = str(model_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -75,6 +77,8 @@ class ServeProcess:
             "HF_HUB_DISABLE_UPDATE_CHECK": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         command = [
             sys.executable, "-m", "transformers.cli.transformers", "serve", self.model,
             "--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--log-level", "warning",
