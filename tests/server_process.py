@@ -170,6 +170,7 @@ class Call:
     sent: float
     ended: float = 0.0
     result: str = "pending"  # ok, an error code, untyped, hang, transport:<error>, or client_failed:<error>
+    structured: dict[str, Any] | None = None  # the structured result of an ok call
 
     @property
     def seconds(self) -> float:
@@ -189,7 +190,10 @@ async def record_call(
         log.append(call)
     try:
         with anyio.fail_after(timeout):
-            call.result = outcome(await client.call_tool(tool, arguments))
+            result = await client.call_tool(tool, arguments)
+        call.result = outcome(result)
+        if call.result == "ok":
+            call.structured = result.structured_content
     except TimeoutError:
         call.result = "hang"
     except Exception as error:  # noqa: BLE001 - a refused or dropped connection surfaces as any exception
