@@ -384,7 +384,7 @@ async def measure_batching(model: Path, workdir: Path, images: dict[str, Path], 
     from vlm_tools.server import build_server
 
     tokens, total = args.batch_tokens, args.batch_calls
-    batch_size = max(args.concurrency)
+    batch_size = args.max_batch_size
     arguments = {"description": "the blue square", "max_points": 5}
     report: dict[str, Any] = {
         "task": "point_to_object", "max_new_tokens": tokens, "calls": total, "max_batch_size": batch_size,
@@ -498,19 +498,34 @@ def machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    try:
-        trainer = subprocess.run(
-            ["pgrep", "-f", "train_fixtures"], check=False, capture_output=True, text=True
-        ).stdout.split()
-    except OSError:
-        trainer = []
     return {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
         "processor": platform.processor() or _cpu_model(), "load_average": [round(v, 2) for v in os.getloadavg()],
         "torch": torch.__version__, "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-        "other_training_running": bool(trainer),
+        "other_busy_processes": busy_processes(),
     }  # fmt: skip
+
+
+def busy_processes(threshold: float = 10.0) -> list[str]:
+    """Other processes using more than ``threshold`` % of a CPU over one second (what competes with the run)."""
+    try:
+        import psutil
+    except ImportError:
+        return ["unknown (psutil not installed)"]
+    mine = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
+    procs = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.info["pid"] not in mine]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent(None)
+    time.sleep(1.0)
+    busy = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            percent = proc.cpu_percent(None)
+            if percent > threshold:
+                busy.append(f"{percent:.0f}% {' '.join(proc.info['cmdline'] or [])[:100]}")
+    return busy
 
 
 def _cpu_model() -> str:
@@ -526,7 +541,9 @@ def render_table(report: dict[str, Any]) -> str:
     lines: list[str] = []
     m = report["machine"]
     lines.append(f"machine: {m['cpus']} CPUs ({m['processor']}), load {m['load_average']} at start, "
-                 f"{m['torch_threads']} torch thread(s), torch {m['torch']}")  # fmt: skip
+                 f"{m['load_average_end']} at end, {m['torch_threads']} torch thread(s), torch {m['torch']}")  # fmt: skip
+    for when in ("other_busy_processes", "other_busy_processes_end"):
+        lines.append(f"{when.replace('_', ' ')}: {'; '.join(m.get(when) or []) or 'none'}")
     if "overhead" in report:
         o = report["overhead"]
         lines += ["", (f"OVERHEAD  {o['task']}, {o['max_new_tokens']} new tokens, batch_wait_ms {o['batch_wait_ms']}, "
@@ -587,6 +604,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-calls", type=int, default=128, help="Batching: calls per row [128].")
     p.add_argument("--batch-tokens", type=int, default=32, help="Batching: new-token cap [32].")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="Batching: batch window [5, the default].")
+    p.add_argument("--max-batch-size", type=int, default=8, help="Batching: most calls per batch [8, the default].")
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 16], help="Batching: concurrent callers [8 16].")
     p.add_argument("--repeat-pairs", type=int, default=20, help="Repeat image: first/second call pairs [20].")
     p.add_argument("--skip-http", action="store_true", help="Batching and repeat image: in memory only.")
@@ -623,6 +641,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 report[name] = await step(model, workdir, images, args)
                 log.info("%s took %.0f s", name, time.monotonic() - started)
         report["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        report["machine"]["other_busy_processes_end"] = busy_processes()
     return report
 
 
