@@ -117,8 +117,12 @@ def test_stdio_stdout_carries_only_protocol(tiny_paligemma_dir: Path, workdir: P
                 lines.append(line)
                 if json.loads(line).get("id") == message["id"]:
                     break
-    # communicate() closes stdin — the client going away — and the server drains and exits.
-    rest, err = proc.communicate(timeout=60)
+    # Closing stdin is the client going away: the server drains and exits. Read the rest through the same
+    # buffered reader that readline() used (communicate() would bypass bytes it has already read ahead).
+    proc.stdin.close()
+    rest = proc.stdout.read()
+    err = proc.stderr.read() if proc.stderr else b""
+    proc.wait(timeout=60)
     lines.extend(rest.splitlines(keepends=True))
     assert proc.returncode == 0, err.decode()[-2000:]
     for line in lines:
