@@ -1,9 +1,10 @@
 """Call every vlm-tools tool from an MCP client, over stdio, the way an agent would.
 
-    python examples/client.py                       # the small fixture models, a generated screenshot
+    python examples/client.py                       # tiny random models (noise answers), a generated screenshot
     python examples/client.py shot.png report.pdf -- --model allenai/Molmo2-4B --model google/paligemma2-3b-mix-448
 
-Arguments after ``--`` go to ``vlm-tools serve``.
+Arguments after ``--`` go to ``vlm-tools serve``. Without them the server runs the tiny random test models, built
+on the spot: their answers are noise, but every tool, source and coordinate path runs for real.
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ from pathlib import Path
 from mcp import Client, StdioServerParameters
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures" / "models"
-DEFAULT_SERVER_ARGS = ["--model", str(FIXTURES / "molmo2-ui"), "--model", str(FIXTURES / "paligemma-ui")]
+
+
+def tiny_models(folder: Path) -> list[str]:
+    """Server flags for the tiny random test models, built into ``folder``."""
+    from vlm_tools.testing.tiny_molmo2 import build_tiny_molmo2
+    from vlm_tools.testing.tiny_paligemma import build_tiny_paligemma
+
+    molmo2 = build_tiny_molmo2(folder / "tiny-molmo2")
+    paligemma = build_tiny_paligemma(folder / "tiny-paligemma")
+    return ["--model", str(molmo2), "--model", str(paligemma), "--max-new-tokens", "32"]
 
 
 def demo_files(folder: Path) -> tuple[Path, Path]:
@@ -49,11 +57,12 @@ def show(name: str, result: object) -> None:
 
 async def main() -> None:
     args = sys.argv[1:]
-    server_args = DEFAULT_SERVER_ARGS
+    folder = Path(tempfile.mkdtemp())
+    server_args: list[str] = []
     if "--" in args:
         cut = args.index("--")
         args, server_args = args[:cut], args[cut + 1 :]
-    folder = Path(tempfile.mkdtemp())
+    server_args = server_args or tiny_models(folder)
     shot, pdf = demo_files(folder)
     if args:
         shot = Path(args[0]).resolve()

@@ -73,11 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("document")
     p.add_argument("--pages", help="e.g. 1-3,5")
 
-    p = command("eval", "Measure grounding accuracy of the loaded models on generated screenshots.")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--count", type=int, default=40, help="Images per size.")
-    p.add_argument("--sizes", default="1280x720,600x900,1000x1000")
-    p.add_argument("--out", help="Write the JSON report here.")
     return parser
 
 
@@ -86,6 +81,9 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per HTTP request (URL fetches, remote inference calls) is noise at info level.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _tool_call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -152,10 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .serve import serve
 
             return serve(settings)
-        if args.command == "eval":
-            from .evaluation import run_eval
-
-            return run_eval(settings, args)
         return _one_shot(settings, args)
     except VlmToolsError as exc:
         print(f"vlm-tools: {exc}", file=sys.stderr)
