@@ -11,14 +11,16 @@ import gc
 import importlib.util
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..errors import Cancelled, ConfigurationError
-from .base import Request
+from ..errors import Cancelled, ConfigurationError, VlmToolsError
+from .base import Outcome, Request
+
+_Row = TypeVar("_Row")
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,39 @@ def generate_rows(
             continue
         rows.append(cut_row(tokens, limits[index], eos))
     return rows
+
+
+def run_rows(
+    requests: Sequence[Request],
+    prompt: Callable[[Request], str],
+    generate: Callable[[Sequence[Request], list[str]], Sequence[_Row | Cancelled]],
+    finish: Callable[[Request, _Row], Outcome],
+) -> list[Outcome]:
+    """The shape of every local ``run_batch``: one outcome per request, in order.
+
+    A request cancelled before the start, or whose prompt cannot be built, fails alone in its slot; the rest are
+    generated together in one ``generate(requests, prompts)`` call, and each row becomes ``finish(request, row)``
+    (a ``Cancelled`` row stays as it is).
+    """
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    live: list[int] = []
+    prompts: list[str] = []
+    for index, request in enumerate(requests):
+        if request.cancel.is_set():
+            outcomes[index] = Cancelled("the request was cancelled before the model started on it")
+            continue
+        try:
+            prompts.append(prompt(request))
+        except VlmToolsError as error:  # a bad request fails alone, the rest of the batch runs
+            outcomes[index] = error
+            continue
+        live.append(index)
+    if live:
+        rows = generate([requests[i] for i in live], prompts)
+        for index, row in zip(live, rows, strict=True):
+            outcomes[index] = row if isinstance(row, Cancelled) else finish(requests[index], row)
+    assert all(outcome is not None for outcome in outcomes)  # every slot was filled above
+    return outcomes  # type: ignore[return-value]
 
 
 def cut_row(tokens: Sequence[int], limit: int, eos_token_ids: Iterable[int]) -> list[int]:

@@ -83,25 +83,9 @@ class Molmo2Backend(Backend):
 
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
         """Run the requests in one ``generate`` call; per-request failures and cancellations stay in their slot."""
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        live: list[int] = []
-        prompts: list[str] = []
-        for index, request in enumerate(requests):
-            if request.cancel.is_set():
-                outcomes[index] = Cancelled("the request was cancelled before the model started on it")
-                continue
-            try:
-                prompts.append(self.prompts.prompt(request))
-            except VlmToolsError as error:  # a bad request fails alone, the rest of the batch runs
-                outcomes[index] = error
-                continue
-            live.append(index)
-        if live:
-            rows = self._generate([requests[i] for i in live], prompts)
-            for index, row in zip(live, rows, strict=True):
-                outcomes[index] = row if isinstance(row, BaseException) else self._interpret(requests[index], row)
-        assert all(outcome is not None for outcome in outcomes)  # every slot was filled above
-        return list(outcomes)  # type: ignore[arg-type]
+        from .generation import run_rows
+
+        return run_rows(requests, prompt=self.prompts.prompt, generate=self._generate, finish=self._interpret)
 
     def _generate(self, requests: Sequence[Request], prompts: Sequence[str]) -> list[str | Cancelled]:
         """Raw text (or ``Cancelled``) per request, from one batched greedy ``generate``."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import Cancelled, VlmToolsError
+from ..errors import Cancelled
 from ..settings import Settings
 from . import generation
 from .base import Backend, Outcome, Request
@@ -80,28 +80,17 @@ class PaliGemmaBackend(Backend):
 
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
         """Prompt, generate and interpret a batch; a bad or cancelled request fails alone in its slot."""
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        live: list[int] = []
-        prompts: list[str] = []
-        for index, request in enumerate(requests):
-            if request.cancel.is_set():
-                outcomes[index] = Cancelled("the request was cancelled before the model started on it")
-                continue
-            try:
-                prompts.append(IMAGE_TOKEN + self._neutralise(self.family_impl.prompt(request)))
-            except VlmToolsError as error:
-                outcomes[index] = error
-                continue
-            live.append(index)
-        if live:
-            rows = self._generate([requests[i] for i in live], prompts)
-            for index, row in zip(live, rows, strict=True):
-                if isinstance(row, BaseException):
-                    outcomes[index] = row
-                    continue
-                raw = self.tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                outcomes[index] = self.family_impl.interpret(requests[index], raw)
-        return [outcome for outcome in outcomes if outcome is not None]
+        return generation.run_rows(
+            requests,
+            prompt=lambda request: IMAGE_TOKEN + self._neutralise(self.family_impl.prompt(request)),
+            generate=self._generate,
+            finish=self._interpret,
+        )
+
+    def _interpret(self, request: Request, row: list[int]) -> Outcome:
+        # Location tokens are special tokens: decode with them kept, the family parser reads them.
+        raw = self.tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.family_impl.interpret(request, raw)
 
     def _generate(self, requests: Sequence[Request], prompts: list[str]) -> list[list[int] | Cancelled]:
         images = [r.image if r.image.mode == "RGB" else r.image.convert("RGB") for r in requests]
