@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("document")
     p.add_argument("--pages", help="e.g. 1-3,5")
 
+    p = command("eval", "Measure grounding accuracy of the loaded models on generated screenshots.")
+    p.add_argument("--seed", type=int, default=1234, help="Scene seed (the fixture models never trained on 1234).")
+    p.add_argument("--count", type=int, default=40, help="Images per size.")
+    p.add_argument("--sizes", default="1280x720,600x900,1000x1000", help="Canvas sizes, WIDTHxHEIGHT,...")
+    p.add_argument("--out", help="Write the JSON report here.")
+    p.add_argument("--min-inside", type=float, default=0.95, help="Target share of points inside their target.")
+    p.add_argument("--min-iou", type=float, default=0.7, help="Target mean IoU of detect boxes.")
+
     return parser
 
 
@@ -150,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .serve import serve
 
             return serve(settings)
+        if args.command == "eval":
+            from .evaluation import run_eval
+
+            return run_eval(settings, args)
         return _one_shot(settings, args)
     except VlmToolsError as exc:
         print(f"vlm-tools: {exc}", file=sys.stderr)
