@@ -9,8 +9,8 @@
 What happens:
 
 1. The vision server starts — in memory (``mcp.Client(build_server(settings))``) or, with ``--stdio``, as the
-   ``vlm-tools serve`` subprocess an agent would launch — with the small fixture models from
-   ``tests/fixtures/models`` unless ``--model`` names others. They run on a CPU in a second.
+   ``vlm-tools serve`` subprocess an agent would launch — with the small trained Molmo2 fixture
+   ``tests/fixtures/models/molmo2-ui`` unless ``--model`` names others. It runs on any CPU in well under a second.
 2. Chromium opens the page: a bundled demo page of coloured buttons and shapes (served on 127.0.0.1: a red button,
    a blue and a purple circle, a green and an orange triangle), or ``--url``.
 3. The page is screenshotted at ``--dpr`` (devicePixelRatio: 2 gives a screenshot twice the viewport size).
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Find a thing on a web page by description and click it.")
     parser.add_argument("description", help='What to click, e.g. "red button" or "the purple circle".')
     parser.add_argument("--url", help="Page to open (default: a bundled demo page served locally).")
-    parser.add_argument("--model", action="append", help="Model directory or hub id (repeatable; default: fixtures).")
+    parser.add_argument("--model", action="append", help="Model directory or hub id (repeatable; default: the Molmo2 fixture).")
     parser.add_argument("--viewport", default="1024x640", help="Browser viewport in CSS pixels, WIDTHxHEIGHT.")
     parser.add_argument("--dpr", type=float, default=1.0, help="devicePixelRatio of the screenshot (1, 2, …).")
     parser.add_argument("--stdio", action="store_true", help="Run the server as a `vlm-tools serve` subprocess.")
