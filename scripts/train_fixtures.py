@@ -106,9 +106,13 @@ class TrainSettings:
     """Language-model layer whose first ``attn_heads`` heads are supervised."""
     attn_heads: int = 1
     attn_edges: bool = True
-    """PaliGemma, with ``attn_heads`` of 2 or more: the first half of the supervised heads look at the whole object,
-    the second half at the edge each ``<loc>`` token places (see :func:`edge_bands`); off: all look at the whole
-    object."""
+    """PaliGemma: also supervise the first ``edge_heads`` heads of layer ``edge_layer`` to look, from each position
+    predicting a ``<loc>`` token, at the edge that token places (see :func:`edge_bands`)."""
+    edge_layer: int = 2
+    edge_heads: int = 2
+    edges_from: float = 0.0
+    """Share of training after which the edge heads are supervised (before: every supervised head looks at the
+    whole object, which teaches which object a prompt means sooner)."""
     digit_slip: float = 0.2
     """Molmo2: share of coordinates trained after a one-off hundreds digit (see :func:`_slip_digits`)."""
 
@@ -122,7 +126,7 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
 
 
 def answer_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: TrainSettings
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: TrainSettings, progress: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits of the answer positions and the tokens they must predict (flattened, padding dropped), and the
     attention-supervision loss of this forward pass (0 when it is off).
@@ -142,19 +146,13 @@ def answer_logits(
     mask = targets != -100
     extra = torch.zeros(())
     if supervise:
-        attention = output.attentions[settings.attn_layer]
-        if "_attn_target_edges" in batch and settings.attn_heads >= 2:
-            # Half the supervised heads find the object (which one the prompt means), half read its edges.
-            half = settings.attn_heads // 2
-            whole = attention_loss(attention[:, :half], batch["_attn_target"], batch["_image_positions"])
-            edges = attention_loss(
-                attention[:, half : settings.attn_heads], batch["_attn_target_edges"], batch["_image_positions"]
-            )
-            extra = settings.attn_weight * (whole + edges) / 2
-        else:
-            extra = settings.attn_weight * attention_loss(
-                attention[:, : settings.attn_heads], batch["_attn_target"], batch["_image_positions"]
-            )
+        positions = batch["_image_positions"]
+        attention = output.attentions[settings.attn_layer][:, : settings.attn_heads]
+        extra = settings.attn_weight * attention_loss(attention, batch["_attn_target"], positions)
+        if "_attn_target_edges" in batch and settings.edge_heads > 0 and progress >= settings.edges_from:
+            # A later layer, knowing which object is meant, reads the edge each <loc> token places.
+            edges = output.attentions[settings.edge_layer][:, : settings.edge_heads]
+            extra = extra + settings.attn_weight * attention_loss(edges, batch["_attn_target_edges"], positions)
     return logits[mask].float(), targets[mask], extra
 
 
@@ -694,7 +692,7 @@ def paligemma_recipe(size: PaliGemmaSize, settings: TrainSettings) -> Recipe:
         return batch
 
     def loss(batch: dict[str, torch.Tensor], progress: float) -> torch.Tensor:
-        logits, wanted, extra = answer_logits(model, batch, settings)
+        logits, wanted, extra = answer_logits(model, batch, settings, progress)
         logp = F.log_softmax(logits, dim=-1)
         per_token = -logp.gather(1, wanted[:, None]).squeeze(1)
         is_loc = (wanted >= loc0) & (wanted < loc0 + LOC_BINS)
@@ -1121,11 +1119,15 @@ def _recipe(record: dict[str, Any]) -> str:
     are = "is" if heads == 1 else "are"
     if record["family"] == "paligemma":
         where = "at the image patches the described object covers (cross-entropy against the patches' coverage)"
-        if s.get("attn_edges") and heads >= 2:
-            where = (
-                f"half of them at the image patches the described object covers, half at the patches along the "
-                "edge that token places (a one-patch band on the top edge for y0, the left edge for x0, …), each "
-                "as cross-entropy against the patches' coverage"
+        edge_heads = s.get("edge_heads", 0) if s.get("attn_edges") else 0
+        if edge_heads:
+            ordinal = ("first", "second", "third", "fourth")
+            when = f"from {s['edges_from']:.0%} of the steps on" if s.get("edges_from") else "throughout"
+            where += (
+                f"; and, {when}, the first {edge_heads} heads of the {ordinal[s['edge_layer']]} layer at the patches "
+                "along the edge that token places (a one-patch band across the top edge for y0, the left edge for "
+                "x0, …). The first layer finds which object is meant, the later one reads where its edges are: a "
+                "head averaging the whole object reads its centre, not its extent"
             )
         return (
             "Data: scenes from `ui_scenes` at the training canvas sizes (landscape, portrait, square). Prompt: "
@@ -1285,7 +1287,9 @@ def write_card(directory: Path, eval_report: Path | None, eval_command: str | No
     copied_to = None
     if saved.resolve() != directory.resolve():
         root = Path(__file__).resolve().parents[1]
-        copied_to = str(directory.resolve().relative_to(root)) if directory.resolve().is_relative_to(root) else str(directory)
+        copied_to = (
+            str(directory.resolve().relative_to(root)) if directory.resolve().is_relative_to(root) else str(directory)
+        )
     (directory / "MODEL_CARD.md").write_text(model_card(record, _directory_bytes(directory), evaluation, copied_to))
 
 
