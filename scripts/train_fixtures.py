@@ -113,6 +113,10 @@ class TrainSettings:
     edges_from: float = 0.0
     """Share of training after which the edge heads are supervised (before: every supervised head looks at the
     whole object, which teaches which object a prompt means sooner)."""
+    multi_label: bool = False
+    """PaliGemma: often name several objects in one prompt (see :func:`paligemma_labels`); off: only the target,
+    as the accuracy suite asks. Several labels teach more positions per image but make the model find the k-th
+    named object for the k-th box, a harder lookup than the colour-and-shape match the suite needs."""
     digit_slip: float = 0.2
     """Molmo2: share of coordinates trained after a one-off hundreds digit (see :func:`_slip_digits`)."""
 
@@ -664,7 +668,7 @@ def paligemma_recipe(size: PaliGemmaSize, settings: TrainSettings) -> Recipe:
     grid = size.image_size // 14
 
     def build_batch(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
-        named = [paligemma_labels(s, label_rng) for s in scenes]
+        named = [paligemma_labels(s, label_rng if settings.multi_label else None) for s in scenes]
         requests = [
             Request(Task.DETECT, s.image, labels=tuple(o.name for o in objects))
             for s, objects in zip(scenes, named, strict=True)
@@ -1119,6 +1123,12 @@ def _recipe(record: dict[str, Any]) -> str:
     are = "is" if heads == 1 else "are"
     if record["family"] == "paligemma":
         where = "at the image patches the described object covers (cross-entropy against the patches' coverage)"
+        labels = (
+            "; half the prompts name every object of the scene and a fifth one or two more (`detect a ; b ; c`, "
+            "answered box after box, in PaliGemma's own multi-label format)"
+            if s.get("multi_label", True)
+            else ", naming the target only (as the accuracy suite asks)"
+        )
         edge_heads = s.get("edge_heads", 0) if s.get("attn_edges") else 0
         if edge_heads:
             ordinal = ("first", "second", "third", "fourth")
@@ -1131,9 +1141,7 @@ def _recipe(record: dict[str, Any]) -> str:
             )
         return (
             "Data: scenes from `ui_scenes` at the training canvas sizes (landscape, portrait, square). Prompt: "
-            "`FAMILIES['paligemma'].prompt(...)` for `detect {colour} {shape}`; half the prompts name every object of "
-            "the scene and a fifth one or two more (`detect a ; b ; c`, answered box after box, in PaliGemma's own "
-            "multi-label format). Inputs: the same `PaliGemmaProcessor` call as `PaliGemmaBackend` (left padding, "
+            f"`FAMILIES['paligemma'].prompt(...)` for `detect {{colour}} {{shape}}`{labels}. Inputs: the same `PaliGemmaProcessor` call as `PaliGemmaBackend` (left padding, "
             "`<image>` + prompt), the answer as the processor's `suffix`, position ids from the attention mask as "
             "`generate` derives them. Loss: cross-entropy on answer tokens only; each `<loc>` target Gaussian-smoothed "
             f"over neighbouring bins (sigma {s['sigma_start']:g} bins narrowing geometrically to 1.5). Tokenizer: the "
