@@ -25,6 +25,7 @@ from vlm_tools.testing import ui_scenes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 MOLMO2 = FIXTURES / "molmo2-ui"
+PALIGEMMA = FIXTURES / "paligemma-ui"
 SIZES = "1280x720,600x900,1000x1000"
 
 
@@ -58,6 +59,26 @@ def test_molmo2_fixture_points_inside_the_target_on_every_size(tmp_path: Path) -
         assert point["models"] == [str(MOLMO2)] and point["point_source"] == ["native"]
         assert "unsupported_by_model" in detect["skipped"]  # Molmo2 points; it does not box
     assert "| 1280×720 |" in table and "result: PASS" in table
+
+
+def test_both_fixtures_served_together_meet_every_target(tmp_path: Path) -> None:
+    """The production routing: points from Molmo2 (native), boxes from PaliGemma, through one server."""
+    out = tmp_path / "report.json"
+    printed = io.StringIO()
+    code = run_eval(_settings(tmp_path, MOLMO2, PALIGEMMA), _args(out, count=20), stdout=printed)
+    report = json.loads(out.read_text())
+    table = printed.getvalue()
+    assert code == 0, table
+    assert report["passed"] is True
+    for size in report["sizes"]:
+        point, detect = size["point"], size["detect"]
+        assert point["scenes"] == detect["scenes"] == 20
+        assert point["errors"] == detect["errors"] == 0
+        assert point["inside"] >= 0.95, table
+        assert detect["mean_iou"] >= 0.7, table
+        assert point["models"] == [str(MOLMO2)] and point["point_source"] == ["native"]
+        assert detect["models"] == [str(PALIGEMMA)]
+    assert "result: PASS" in table
 
 
 def test_suite_fails_a_model_that_cannot_ground(tmp_path: Path, tiny_molmo2_dir: Path) -> None:
