@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from PIL import Image
@@ -41,3 +44,33 @@ def settings_for(tmp_path: Path, **overrides: object) -> Settings:
 def loader(*backends: Backend) -> Callable[[Settings], Sequence[Backend]]:
     """A ``load_backends`` function that hands the server ready-made backends."""
     return lambda _settings: list(backends)
+
+
+@contextmanager
+def static_site(routes: Mapping[str, tuple[str, bytes]]) -> Iterator[str]:
+    """Serve ``routes`` (path → (content type, body); 404 elsewhere) on 127.0.0.1 at a free port from a thread;
+    yields the base URL (no trailing slash). Routes are looked up per request, so a dict filled later is served."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            route = routes.get(self.path)
+            if route is None:
+                self.send_error(404)
+                return
+            content_type, body = route
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # keep test output clean
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

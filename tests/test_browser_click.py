@@ -12,13 +12,10 @@ binary). Without it the test skips locally and FAILS in CI (``CI`` set), so CI c
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import random
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,8 @@ from PIL import Image
 from vlm_tools.server import build_server
 from vlm_tools.settings import Settings
 from vlm_tools.testing.ui_scenes import random_background, random_layout, scene_html
+
+from helpers import data_uri, static_site
 
 FIXTURE = Path(__file__).parent / "fixtures" / "models" / "molmo2-ui"
 CHROMIUM = os.environ.get("VLM_TOOLS_CHROMIUM", "/usr/bin/chromium")
@@ -54,40 +53,17 @@ def _need_browser() -> None:
 
 
 @pytest.fixture
-def site() -> Iterator[tuple[str, dict[str, str]]]:
-    """A local web server (own thread, free port) serving the pages put into the returned dict by path."""
-    pages: dict[str, str] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = pages.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            data = body.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", pages
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def site() -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
+    """A local web server serving the pages put into the returned dict by path."""
+    pages: dict[str, tuple[str, bytes]] = {}
+    with static_site(pages) as base:
+        yield base, pages
 
 
 @pytest.mark.parametrize("dpr", [1, 2], ids=["dpr1", "dpr2"])
-async def test_click_lands_on_the_named_object(dpr: int, site: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+async def test_click_lands_on_the_named_object(
+    dpr: int, site: tuple[str, dict[str, tuple[str, bytes]]], tmp_path: Path
+) -> None:
     _need_browser()
     from playwright.async_api import async_playwright
 
@@ -104,7 +80,10 @@ async def test_click_lands_on_the_named_object(dpr: int, site: tuple[str, dict[s
                 rng = random.Random(50_000 + 1_000 * dpr + trial)  # layouts the model never saw in training
                 objects, target_index = random_layout(rng, (width, height))
                 target = objects[target_index]
-                pages[f"/trial{trial}.html"] = scene_html(objects, random_background(rng))
+                pages[f"/trial{trial}.html"] = (
+                    "text/html; charset=utf-8",
+                    scene_html(objects, random_background(rng)).encode(),
+                )
                 await page.set_viewport_size({"width": width, "height": height})
                 await page.goto(f"{base_url}/trial{trial}.html")
                 png = await page.screenshot()
@@ -112,7 +91,7 @@ async def test_click_lands_on_the_named_object(dpr: int, site: tuple[str, dict[s
 
                 result = await client.call_tool(
                     "point_to_object",
-                    {"image": _data_uri(png), "description": target.name, "frame": {"width": width, "height": height}},
+                    {"image": data_uri(png), "description": target.name, "frame": {"width": width, "height": height}},
                 )
                 assert not result.is_error, result.content
                 data = result.structured_content

@@ -7,12 +7,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from fake_openai import DEFAULT_MODEL, FakeOpenAI, Reply, closed_port_url
-from helpers import png_bytes, settings_for
+from helpers import png_bytes, settings_for, static_site
 from PIL import Image
 
 from vlm_tools.backends.base import Output, Request, Task
@@ -398,24 +397,8 @@ def test_start_up_with_a_refused_key_fails(tmp_path: Path) -> None:
 
 @pytest.fixture
 def http_image() -> Iterator[str]:
-    body = png_bytes(64, 48)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/shot.png"
-    httpd.shutdown()
-    httpd.server_close()
+    with static_site({"/shot.png": ("image/png", png_bytes(64, 48))}) as base:
+        yield f"{base}/shot.png"
 
 
 async def test_no_user_url_reaches_the_inference_server(tmp_path: Path, fake: FakeOpenAI, http_image: str) -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
@@ -19,7 +17,7 @@ from PIL import Image
 from vlm_tools.backends.base import Request, Task
 from vlm_tools.server import VisionServer, build_server
 
-from helpers import data_uri, loader, png_bytes, settings_for
+from helpers import data_uri, loader, png_bytes, settings_for, static_site
 from scripted import ScriptedBackend, molmo2_script, paligemma_script
 
 TOOLS = {"describe_image", "answer_about_image", "point_to_object", "detect", "read_document"}
@@ -55,25 +53,8 @@ def server(tmp_path: Path, molmo2: ScriptedBackend, paligemma: ScriptedBackend) 
 
 @pytest.fixture
 def http_image() -> Iterator[str]:
-    body = png_bytes(320, 240)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/shot.png"
-    httpd.shutdown()
-    httpd.server_close()
+    with static_site({"/shot.png": ("image/png", png_bytes(320, 240))}) as base:
+        yield f"{base}/shot.png"
 
 
 def _error_text(result: object) -> str:
@@ -162,7 +143,9 @@ async def test_image_id_reuse_skips_the_bytes(server: VisionServer, image_file: 
         assert molmo2.requests[-1].image.size == (200, 100)
 
 
-async def test_answer_goes_to_first_native_model(server: VisionServer, image_file: Path, molmo2: ScriptedBackend) -> None:
+async def test_answer_goes_to_first_native_model(
+    server: VisionServer, image_file: Path, molmo2: ScriptedBackend
+) -> None:
     async with Client(server) as client:
         result = await client.call_tool("answer_about_image", {"image": str(image_file), "question": "Colour?"})
         assert result.structured_content["model"] == "scripted-molmo2"
