@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import logging
 import math
@@ -34,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .backends.remote import png_data_uri
 from .errors import InvalidArgument
 from .settings import Settings
 
@@ -153,12 +152,6 @@ class _Sample:
 # --- running the tools ------------------------------------------------------------------------------------------
 
 
-def _data_uri(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _error_text(result: Any) -> str:
     return " ".join(getattr(block, "text", "") for block in result.content).strip()
 
@@ -181,7 +174,7 @@ async def _ask(client: Any, scene: Any, refused: dict[str, str]) -> _Sample:
     """Ask point_to_object, then detect (by image_id when the first call stored the image), about the target."""
     sample = _Sample()
     name = scene.target.name
-    image = _data_uri(scene.image)
+    image = png_data_uri(scene.image)
     data, sample.point_error = await _call(client, "point_to_object", {"image": image, "description": name}, refused)
     if data is not None:
         image = data["image_id"]
