@@ -19,7 +19,7 @@ from vlm_tools.backends.base import Output, Request, Task
 from vlm_tools.errors import Cancelled, InvalidArgument, UnsupportedByModel
 from vlm_tools.geometry import NormPoint
 from vlm_tools.settings import Settings
-from vlm_tools.testing.tiny_molmo2 import BASE_VOCAB_SIZE, IMAGE_TOKENS, build_tiny_molmo2
+from vlm_tools.testing.tiny_molmo2 import IMAGE_TOKENS, build_tiny_molmo2
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")  # Molmo2's image processor exists only as a torchvision backend
@@ -79,7 +79,7 @@ def test_tiny_molmo2_vocabulary_covers_the_processor(backend) -> None:
     for token in IMAGE_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         # In the additional vocabulary: embedded, but never produced by the output head.
-        assert BASE_VOCAB_SIZE <= token_id < config.vocab_size + config.additional_vocab_size, token
+        assert config.vocab_size <= token_id < config.vocab_size + config.additional_vocab_size, token
     assert backend.model.config.image_patch_id == tokenizer.convert_tokens_to_ids("<im_patch>")
 
 
@@ -140,7 +140,7 @@ def test_batch_of_mixed_image_sizes_equals_single_calls(backend) -> None:
         for i, ((w, h), q) in enumerate(zip(MIXED_SIZES, QUESTIONS, strict=True))
     ]
     # The batch is only a test of padding if rows really differ in image tokens and prompt length.
-    inputs = backend.prepare_inputs(requests, [backend.prompts.prompt(r) for r in requests])
+    inputs = backend.prepare_inputs(requests, [backend.conventions.prompt(r) for r in requests])
     assert len({tuple(grid) for grid in inputs["image_grids"].tolist()}) >= 4
     assert len(set(inputs["attention_mask"].sum(dim=1).tolist())) >= 6
 
@@ -159,7 +159,7 @@ def test_per_row_max_new_tokens(backend) -> None:
         Request(task=Task.CAPTION, image=noise(*MIXED_SIZES[i], i), max_new_tokens=limit)
         for i, limit in enumerate(limits)
     ]
-    prompts = [backend.prompts.prompt(r) for r in requests]
+    prompts = [backend.conventions.prompt(r) for r in requests]
     rows = generate_rows(
         backend.model,
         backend.prepare_inputs(requests, prompts),
@@ -225,7 +225,7 @@ def test_a_bad_request_fails_alone(backend) -> None:
 )
 def test_control_tokens_in_user_text_are_plain_text(backend, text: str) -> None:
     request = Request(task=Task.ANSWER, image=noise(50, 70), text=text, max_new_tokens=4)
-    inputs = backend.prepare_inputs([request], [backend.prompts.prompt(request)])
+    inputs = backend.prepare_inputs([request], [backend.conventions.prompt(request)])
     tokenizer = backend.processor.tokenizer
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(tokenizer.convert_tokens_to_ids("<|image|>")) == 0  # the one placeholder was expanded

@@ -110,14 +110,18 @@ def test_the_remote_backend_is_a_paligemma_named_like_the_served_model(remote: B
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_task_gives_what_the_local_backend_gives(remote: Backend, local: Backend, task: str) -> None:
+    said = []
     for image in IMAGES:
         request = TASKS[task](image)
         there, here = _one(remote, request), _one(local, request)
         assert there.raw == here.raw
         assert there == here
-        assert there.raw  # the tiny model always says something in 24 tokens
+        said.append(there.raw)
         if task == "point":
             assert there.point_source == "box_center"
+    # Equality has teeth only if the model says something, and something that depends on the image (a random
+    # model may also emit the padding rows of its vocabulary, which decode to nothing).
+    assert any(said) and len(set(said)) > 1
 
 
 def test_geometry_actually_came_back(remote: Backend, local: Backend) -> None:
