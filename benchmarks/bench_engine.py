@@ -228,7 +228,7 @@ INSTANT_RAW = "a blue rectangle on a plain background, seen from the front, with
 def instant_backend() -> Any:
     """A PaliGemma-shaped backend that answers at once: round trips through it cost only the server and protocol."""
     from vlm_tools.backends.base import Backend, Output
-    from vlm_tools.backends.family import get_family
+    from vlm_tools.backends.families import get_family
 
     class InstantBackend(Backend):
         name = "instant"

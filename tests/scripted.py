@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from vlm_tools.backends.base import Backend, Outcome, Request, Task
-from vlm_tools.backends.family import get_family
+from vlm_tools.backends.families import get_family
 from vlm_tools.errors import Cancelled
 
 
@@ -29,7 +29,7 @@ class ScriptedBackend(Backend):
         max_batch_size: int = 8,
     ) -> None:
         fam = get_family(family)
-        self.family_impl = fam
+        self.conventions = fam
         self.family = family
         self.name = name or f"scripted-{family}"
         self.native = fam.native
@@ -52,8 +52,8 @@ class ScriptedBackend(Backend):
             if request.cancel.is_set():
                 outcomes.append(Cancelled("cancelled"))
                 continue
-            self.family_impl.prompt(request)  # the prompt must build for every request the server sends
-            outcomes.append(self.family_impl.interpret(request, self.script(request)))
+            self.conventions.prompt(request)  # the prompt must build for every request the server sends
+            outcomes.append(self.conventions.interpret(request, self.script(request)))
         return outcomes
 
 

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from vlm_tools.backends.base import Output, Request, Task
-from vlm_tools.backends.families import FAMILIES, Molmo, Molmo2, PaliGemma
-from vlm_tools.backends.family import get_family
+from vlm_tools.backends.families import FAMILIES, Molmo, Molmo2, PaliGemma, get_family
 from vlm_tools.errors import InvalidArgument, UnsupportedByModel
 
 IMAGE = Image.new("RGB", (4, 4))

@@ -16,15 +16,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vlm_tools.backends import generation  # noqa: E402
-from vlm_tools.backends.loading import (  # noqa: E402
-    ModelUnavailable,
-    load_backend,
-    load_backends,
-    model_unavailable,
-    read_family,
-)
-from vlm_tools.errors import ConfigurationError  # noqa: E402
+from vlm_tools.backends import generation, placement  # noqa: E402
+from vlm_tools.backends.hub import model_unavailable  # noqa: E402
+from vlm_tools.backends.loading import load_backend, load_backends, read_family  # noqa: E402
+from vlm_tools.errors import ConfigurationError, ModelUnavailable  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
 
 
@@ -59,7 +54,7 @@ def config_dir(root: Path, name: str, config: dict) -> Path:
 def test_family_is_read_from_the_config(tmp_path: Path, model_type: str, family: str) -> None:
     # The directory name says "llama": the family must come from config.json, not the name.
     path = config_dir(tmp_path, "llama-lookalike", {"model_type": model_type, "auto_map": {"AutoConfig": "x.Y"}})
-    assert read_family(str(path), trust_remote_code=False) == family
+    assert read_family(str(path)) == family
 
 
 @pytest.mark.parametrize(
@@ -147,11 +142,11 @@ def test_gated_config_fetch_is_reported_as_gated(monkeypatch: pytest.MonkeyPatch
 # --- load_backend / load_backends --------------------------------------------------------------------------
 
 
-def test_molmo_0924_without_trust_remote_code_is_refused(tmp_path: Path) -> None:
+def test_molmo_0924_is_sent_to_vllm(tmp_path: Path) -> None:
     path = str(config_dir(tmp_path, "molmo", {"model_type": "molmo"}))
-    with pytest.raises(ConfigurationError, match="--trust-remote-code") as caught:
+    with pytest.raises(ConfigurationError, match="--backend openai") as caught:
         load_backend(path, Settings(model=(path,), device="cpu"))
-    assert "vLLM" in caught.value.message
+    assert "vLLM (--trust-remote-code)" in caught.value.message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -200,7 +195,7 @@ def test_importing_loading_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-# --- generation helpers ----------------------------------------------------------------------------------
+# --- placement and generation helpers ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -211,28 +206,33 @@ def test_importing_loading_does_not_import_torch() -> None:
     ],
 )
 def test_resolve_device(setting: str, expected: str | None) -> None:
-    got = generation.resolve_device(setting)
+    got = placement.resolve_device(setting)
     assert got == expected if expected else got in ("mps", "cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_asking_for_a_missing_cuda_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="no CUDA GPU"):
-        generation.resolve_device("cuda")
+        placement.resolve_device("cuda")
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "dtype"),
+    ("setting", "device", "bf16_gpu", "dtype"),
     [
-        pytest.param("auto", "cuda", torch.bfloat16, id="auto-cuda-bf16"),
-        pytest.param("auto", "cpu", torch.float32, id="auto-cpu-fp32"),
-        pytest.param("auto", "mps", torch.float32, id="auto-mps-fp32"),
-        pytest.param("float16", "cpu", torch.float16, id="explicit-fp16"),
-        pytest.param("bfloat16", "cuda", torch.bfloat16, id="explicit-bf16"),
+        pytest.param("auto", "cuda", True, torch.bfloat16, id="auto-cuda-bf16-capable"),
+        pytest.param("auto", "cuda", False, torch.float16, id="auto-cuda-older-gpu-fp16"),
+        pytest.param("auto", "cpu", False, torch.float32, id="auto-cpu-fp32"),
+        pytest.param("auto", "mps", False, torch.float32, id="auto-mps-fp32"),
+        pytest.param("float16", "cpu", False, torch.float16, id="explicit-fp16"),
+        pytest.param("bfloat16", "cuda", False, torch.bfloat16, id="explicit-bf16-wins"),
     ],
 )
-def test_resolve_dtype(setting: str, device: str, dtype: torch.dtype) -> None:
-    assert generation.resolve_dtype(setting, device) is dtype
+def test_resolve_dtype(
+    monkeypatch: pytest.MonkeyPatch, setting: str, device: str, bf16_gpu: bool, dtype: torch.dtype
+) -> None:
+    # The GPU's own answer, as torch gives it (T4 and V100 say no; A100, H100, L4 say yes).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_gpu)
+    assert placement.resolve_dtype(setting, device) is dtype
 
 
 def test_missing_bitsandbytes_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,7 +243,7 @@ def test_missing_bitsandbytes_names_the_install(monkeypatch: pytest.MonkeyPatch)
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
     )
     with pytest.raises(ConfigurationError, match=r"pip install 'vlm-tools\[quantize\]'"):
-        generation.quantization_config("4bit", "cuda")
+        placement.quantization_config("4bit", "cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_missing_bitsandbytes_names_the_install(monkeypatch: pytest.MonkeyPatch)
     ],
 )
 def test_is_oom(error: BaseException, oom: bool) -> None:
-    assert generation.is_oom(error) is oom
+    assert placement.is_oom(error) is oom
 
 
 STOP_CASES = [

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 from vlm_tools.backends import generation  # noqa: E402
 from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
-from vlm_tools.backends.family import get_family  # noqa: E402
+from vlm_tools.backends.families import get_family  # noqa: E402
 from vlm_tools.backends.loading import load_backend  # noqa: E402
 from vlm_tools.backends.paligemma_local import PaliGemmaBackend  # noqa: E402
 from vlm_tools.errors import Cancelled, InvalidArgument  # noqa: E402
@@ -119,7 +119,7 @@ BATCH_CASES = [
 def test_batched_raw_text_equals_unbatched(backend: PaliGemmaBackend, task: Task, variants: list[dict]) -> None:
     requests = [request(task, seed=i, **v) for i, v in enumerate(variants)]
     # Prompts of different lengths get padded: that is what this test is about.
-    assert len({len(backend.family_impl.prompt(r)) for r in requests}) > 1
+    assert len({len(backend.conventions.prompt(r)) for r in requests}) > 1
     batched = backend.run_batch(requests)
     alone = [backend.run_batch([r])[0] for r in requests]
     assert [o.raw for o in batched] == [o.raw for o in alone]
@@ -237,7 +237,7 @@ def test_reserved_token_spellings_in_user_text_stay_text(backend: PaliGemmaBacke
     (outcome,) = backend.run_batch([request(Task.ANSWER, text=question)])
     assert isinstance(outcome, Output)
     batch = backend.processor(
-        text=["<image>" + backend._neutralise(backend.family_impl.prompt(request(Task.ANSWER, text=question)))],
+        text=["<image>" + backend.conventions.prompt(request(Task.ANSWER, text=question))],
         images=[noise_image(0)],
         return_tensors="pt",
     )
@@ -256,7 +256,7 @@ REAL_MODEL = "google/paligemma2-3b-mix-448"
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_paligemma_in_4bit_finds_a_red_square() -> None:
     pytest.importorskip("bitsandbytes")
-    from vlm_tools.backends.loading import ModelUnavailable
+    from vlm_tools.errors import ModelUnavailable
 
     try:
         real = load_backend(REAL_MODEL, Settings(model=(REAL_MODEL,), device="cuda", quantize="4bit"))

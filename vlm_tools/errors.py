@@ -111,6 +111,12 @@ class ConfigurationError(VlmToolsError):
     code = "configuration_error"
 
 
+class ModelUnavailable(ConfigurationError):
+    """A model that cannot be fetched or found: gated without access, missing, or no network and not cached."""
+
+    code = "model_unavailable"
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -129,6 +135,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
         ModelError,
         ShuttingDown,
         ConfigurationError,
+        ModelUnavailable,
     )
 )
 """Every stable error code, in one place for documentation and metrics."""

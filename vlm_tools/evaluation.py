@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .backends.remote import png_data_uri
 from .errors import InvalidArgument
+from .images.encode import png_data_uri
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -68,9 +68,6 @@ class Settings(BaseSettings):
     quantize: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Quantise local models with bitsandbytes (CUDA only)."
     )
-    trust_remote_code: bool = Field(
-        False, description="Allow models whose code lives in their repository (Molmo 0924)."
-    )
     route: tuple[str, ...] = Field(
         (),
         description="Route a tool to a model: TOOL=MODEL (repeatable), e.g. point_to_object=google/paligemma2-3b-mix-448.",

@@ -6,7 +6,8 @@
 * Molmo2 and Molmo (0924) take free-form English instructions and point natively; they have no boxes.
 
 Prompts are the text of the user turn; the backend puts the image beside it (PaliGemma's processor, or a
-chat template). Invalid requests raise :class:`~vlm_tools.errors.InvalidArgument` /
+chat template). Caller text in a prompt (questions, descriptions, labels, language codes) goes through the
+family's control-token neutraliser. Invalid requests raise :class:`~vlm_tools.errors.InvalidArgument` /
 :class:`~vlm_tools.errors.UnsupportedByModel`; odd model output never raises.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from ..errors import InvalidArgument, UnsupportedByModel
 from ..geometry import NormBox, NormPoint
 from ..parsing import molmo, molmo2, paligemma
+from . import control_tokens as control
 from .base import Output, Request, Task
 from .family import Family
 
@@ -48,8 +50,8 @@ def _require_text(value: str, what: str) -> str:
     return text
 
 
-def _language(request: Request) -> str:
-    return one_line(request.language) or "en"
+def _language(family: Family, request: Request) -> str:
+    return family.caller_text(one_line(request.language)) or "en"
 
 
 def _check_task(family: Family, task: Task) -> None:
@@ -69,15 +71,16 @@ class PaliGemma(Family):
     name = "paligemma"
     native = frozenset({Task.CAPTION, Task.ANSWER, Task.DETECT, Task.OCR})
     supported = native | {Task.POINT}
+    control_tokens = control.PALIGEMMA
 
     def prompt(self, request: Request) -> str:
         """The task prefix, e.g. ``"caption en"`` or ``"detect cat ; dog"``; user text kept on one line."""
         _check_task(self, request.task)
-        lang = _language(request)
+        lang = _language(self, request)
         if request.task is Task.CAPTION:
             return f"{'describe' if request.detail == 'detailed' else 'caption'} {lang}"
         if request.task is Task.ANSWER:
-            return f"answer {lang} {_require_text(request.text, 'question')}"
+            return f"answer {lang} {self.caller_text(_require_text(request.text, 'question'))}"
         if request.task is Task.DETECT:
             return "detect " + " ; ".join(self._prompt_labels(request))
         if request.task is Task.POINT:
@@ -97,10 +100,9 @@ class PaliGemma(Family):
             return Output(raw=raw, boxes=boxes, points=[b.center() for b in boxes], point_source="box_center")
         return Output(raw=raw, text=paligemma.strip_special(raw, self._echo(request)))
 
-    @staticmethod
-    def _prompt_thing(label: str) -> str:
+    def _prompt_thing(self, label: str) -> str:
         # " ; " separates things in a detect prompt: a ';' inside one label would split it in two.
-        return _require_text(label.replace(";", ","), "description")
+        return self.caller_text(_require_text(label.replace(";", ","), "description"))
 
     def _prompt_labels(self, request: Request) -> list[str]:
         if not request.labels:
@@ -115,7 +117,8 @@ class PaliGemma(Family):
         """
         wanted: dict[str, str] = {}
         for requested in request.labels:
-            for spelling in (requested, requested.replace(";", ",")):
+            # As asked, and as the prompt spelt it (a ';' made ',', control-token spellings broken up).
+            for spelling in (requested, self.caller_text(requested.replace(";", ","))):
                 wanted.setdefault(one_line(spelling).casefold(), requested)
         only = request.labels[0] if len(request.labels) == 1 else None
         mapped = []
@@ -150,16 +153,16 @@ class _FreeForm(Family):
         """A free-form instruction; for a language other than English, " Answer in <language>." is added."""
         _check_task(self, request.task)
         if request.task is Task.POINT:
-            return self.point_instruction(_require_text(request.text, "description"))
+            return self.point_instruction(self.caller_text(_require_text(request.text, "description")))
         if request.task is Task.CAPTION:
             text = self.detailed_caption if request.detail == "detailed" else self.brief_caption
         elif request.task is Task.ANSWER:
-            text = request.text.strip()
+            text = self.caller_text(request.text.strip())
             if not text:
                 raise InvalidArgument("question is empty; give a non-empty question")
         else:
             text = self.ocr_instruction
-        lang = _language(request)
+        lang = _language(self, request)
         if lang.casefold() != "en":
             text += f" Answer in {LANGUAGE_NAMES.get(lang.casefold(), lang)}."
         return text
@@ -185,6 +188,7 @@ class Molmo2(_FreeForm):
     """Molmo2 (native in transformers 5.23): ``<points coords=…>`` on 0–1000."""
 
     name = "molmo2"
+    control_tokens = control.MOLMO2
     parse_points = staticmethod(molmo2.parse_points)
     clean_text = staticmethod(molmo2.clean_text)
 
@@ -193,6 +197,7 @@ class Molmo(_FreeForm):
     """Molmo 0924 (served remotely, e.g. by vLLM): percent ``<point x= y=>`` markup."""
 
     name = "molmo"
+    control_tokens = control.MOLMO
     detailed_caption = "Describe this image."  # the Molmo card's prompt; PixMo-Cap taught it long captions
     parse_points = staticmethod(molmo.parse_points)
     clean_text = staticmethod(molmo.clean_text)
@@ -200,3 +205,8 @@ class Molmo(_FreeForm):
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (PaliGemma(), Molmo2(), Molmo())}
 """Every family by name (the ``model_type`` of its checkpoints)."""
+
+
+def get_family(name: str) -> Family:
+    """The family object for a ``model_type`` / family name; raises ``KeyError`` for an unknown one."""
+    return FAMILIES[name]

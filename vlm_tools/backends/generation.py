@@ -1,28 +1,26 @@
-"""Batched greedy generation shared by the local backends: device/dtype choice, per-row stopping, OOM care.
+"""Batched greedy generation for the local backends: per-row stopping and limits, and greedy that inherits nothing.
 
-Imported only when a local backend loads (it imports torch and transformers at module level). Everything a
-local backend needs to turn a batch of prepared inputs into one token list per request lives here, so the
-PaliGemma and Molmo2 backends differ only in how they build prompts and inputs.
+Imported only when a local backend loads (it imports torch and transformers at module level).
+
+*Greedy means greedy.* A checkpoint's ``generation_config.json`` may set ``repetition_penalty``,
+``no_repeat_ngram_size``, ``min_new_tokens``, ``suppress_tokens``, sampling… and ``generate`` fills every value a
+call leaves unset from the model's ``generation_config`` — even from a config passed explicitly. A repetition
+penalty is poison for digit-heavy point output. So a loaded model's ``generation_config`` is replaced by
+:func:`neutral_generation_config` (its stop and padding ids, nothing else), and :func:`generate_rows` asks for
+greedy decoding in so many words.
 """
 
 from __future__ import annotations
 
-import gc
-import importlib.util
-import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from ..errors import Cancelled, ConfigurationError, VlmToolsError
-from .base import Outcome, Request
-
-_Row = TypeVar("_Row")
-
-log = logging.getLogger(__name__)
+from ..errors import Cancelled, ModelError
+from .base import Request
 
 
 class RowStopping(StoppingCriteria):
@@ -99,9 +97,8 @@ def generate_rows(
             stopping_criteria=StoppingCriteriaList([stopping]),
             pad_token_id=pad_token_id,
             eos_token_id=sorted(eos) or None,
+            return_dict_in_generate=False,
         )
-    if not isinstance(sequences, torch.Tensor):  # a GenerateOutput when the generation config asks for dicts
-        sequences = sequences.sequences
     new_tokens = sequences[:, prompt_length:].tolist()
     rows: list[list[int] | Cancelled] = []
     for index, tokens in enumerate(new_tokens):
@@ -110,39 +107,6 @@ def generate_rows(
             continue
         rows.append(cut_row(tokens, limits[index], eos))
     return rows
-
-
-def run_rows(
-    requests: Sequence[Request],
-    prompt: Callable[[Request], str],
-    generate: Callable[[Sequence[Request], list[str]], Sequence[_Row | Cancelled]],
-    finish: Callable[[Request, _Row], Outcome],
-) -> list[Outcome]:
-    """The shape of every local ``run_batch``: one outcome per request, in order.
-
-    A request cancelled before the start, or whose prompt cannot be built, fails alone in its slot; the rest are
-    generated together in one ``generate(requests, prompts)`` call, and each row becomes ``finish(request, row)``
-    (a ``Cancelled`` row stays as it is).
-    """
-    outcomes: list[Outcome | None] = [None] * len(requests)
-    live: list[int] = []
-    prompts: list[str] = []
-    for index, request in enumerate(requests):
-        if request.cancel.is_set():
-            outcomes[index] = Cancelled("the request was cancelled before the model started on it")
-            continue
-        try:
-            prompts.append(prompt(request))
-        except VlmToolsError as error:  # a bad request fails alone, the rest of the batch runs
-            outcomes[index] = error
-            continue
-        live.append(index)
-    if live:
-        rows = generate([requests[i] for i in live], prompts)
-        for index, row in zip(live, rows, strict=True):
-            outcomes[index] = row if isinstance(row, Cancelled) else finish(requests[index], row)
-    assert all(outcome is not None for outcome in outcomes)  # every slot was filled above
-    return outcomes  # type: ignore[return-value]
 
 
 def cut_row(tokens: Sequence[int], limit: int, eos_token_ids: Iterable[int]) -> list[int]:
@@ -156,98 +120,32 @@ def cut_row(tokens: Sequence[int], limit: int, eos_token_ids: Iterable[int]) -> 
     return kept
 
 
-# --- where and how a model runs ---------------------------------------------------------------------------
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends an answer: the checkpoint's generation-config EOS ids and the tokenizer's EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        ids: list[int] = []
+    elif isinstance(configured, int):
+        ids = [configured]
+    else:
+        ids = [int(t) for t in configured]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ModelError("the model declares no end-of-sequence token; its generation_config.json is incomplete")
+    return ids
 
 
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return mps is not None and mps.is_available()
+def pad_token_id(model: Any, tokenizer: Any, eos_token_ids: Sequence[int]) -> int:
+    """The id ``generate`` pads finished rows with: the checkpoint's, the tokenizer's, or an EOS id."""
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_token_ids)
+    return int(pad)
 
 
-def resolve_device(setting: str) -> str:
-    """The device to load onto: the setting itself, or for ``auto`` CUDA, then MPS, then CPU.
-
-    An explicit device that this machine lacks is a configuration error, not a silent fallback.
-    """
-    if setting == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if _mps_available():
-            return "mps"
-        return "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
-    if setting == "mps" and not _mps_available():
-        raise ConfigurationError("--device mps was asked for but MPS is not available: use --device auto or cpu")
-    if setting not in ("cuda", "mps", "cpu"):
-        raise ConfigurationError(f"unknown device {setting!r}: use auto, cuda, mps or cpu")
-    return setting
-
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_dtype(setting: str, device: str) -> torch.dtype:
-    """Weights dtype: the setting, or for ``auto`` bfloat16 on CUDA and float32 elsewhere (CPU bf16 is slow)."""
-    if setting == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    try:
-        return _DTYPES[setting]
-    except KeyError:
-        raise ConfigurationError(f"unknown dtype {setting!r}: use auto, bfloat16, float16 or float32") from None
-
-
-def quantization_config(setting: str, device: str) -> Any | None:
-    """A bitsandbytes config for ``4bit`` / ``8bit`` (CUDA only), or ``None`` for ``none``."""
-    if setting in ("none", "", None):
-        return None
-    if setting not in ("4bit", "8bit"):
-        raise ConfigurationError(f"unknown quantisation {setting!r}: use none, 4bit or 8bit")
-    if device != "cuda":
-        raise ConfigurationError(
-            f"--quantize {setting} needs a CUDA GPU (bitsandbytes); this machine has none: "
-            "drop --quantize or run on a GPU host"
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigurationError(
-            f"--quantize {setting} needs bitsandbytes, which is not installed: pip install 'vlm-tools[quantize]'"
-        )
-    from transformers import BitsAndBytesConfig
-
-    if setting == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def placement_kwargs(settings_device: str, settings_dtype: str, settings_quantize: str) -> tuple[str, dict[str, Any]]:
-    """Resolve device, dtype and quantisation into ``from_pretrained`` keyword arguments.
-
-    Returns the device and the kwargs. Quantised models are placed by ``device_map`` (bitsandbytes places
-    weights while loading); others are loaded on CPU and moved with ``.to(device)`` by the caller.
-    """
-    device = resolve_device(settings_device)
-    dtype = resolve_dtype(settings_dtype, device)
-    quant = quantization_config(settings_quantize, device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0}
-    return device, kwargs
-
-
-# --- memory -----------------------------------------------------------------------------------------------
-
-
-def is_oom(error: BaseException) -> bool:
-    """Whether ``error`` means the device ran out of memory."""
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(error, oom_type):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def free_memory() -> None:
-    """Collect garbage and hand cached CUDA memory back after an out-of-memory error."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def neutral_generation_config(model: Any, eos_token_ids: Sequence[int], pad: int) -> GenerationConfig:
+    """A generation config with the model's BOS, stop and padding ids and nothing else: nothing for
+    ``generate`` to inherit from the checkpoint's ``generation_config.json`` (see the module docstring)."""
+    bos = getattr(getattr(model, "generation_config", None), "bos_token_id", None)
+    return GenerationConfig(bos_token_id=bos, eos_token_id=list(eos_token_ids), pad_token_id=pad)

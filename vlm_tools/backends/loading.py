@@ -10,12 +10,13 @@ neither huggingface_hub nor transformers points them at stdout), so the stdio MC
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ModelUnavailable
+from .hub import looks_local, model_unavailable
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -26,65 +27,15 @@ log = logging.getLogger(__name__)
 MODEL_TYPES: dict[str, str] = {"paligemma": "paligemma", "molmo2": "molmo2", "molmo": "molmo"}
 """``config.model_type`` → family. Molmo 0924 remote-code checkpoints declare ``molmo``."""
 
-PALIGEMMA_LICENCE_URL = "https://huggingface.co/google/paligemma2-3b-mix-448"
 
-
-class ModelUnavailable(ConfigurationError):
-    """The model cannot be fetched or found: gated without access, missing, or no network and not cached."""
-
-
-def _looks_local(model: str) -> bool:
-    """Whether ``model`` names a filesystem path rather than a hub id (``org/name``)."""
-    return (
-        os.path.isabs(model)
-        or model.startswith(("./", "../", "~", ".\\", "..\\"))
-        or model in (".", "..")
-        or Path(model).expanduser().exists()
-    )
-
-
-def model_unavailable(model: str, error: BaseException) -> ModelUnavailable:
-    """Turn a hub/filesystem failure into a message that says how to make the model available."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    text = " ".join(str(e) for e in chain).lower()
-    gated = any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text
-    if gated:
-        url = PALIGEMMA_LICENCE_URL if "paligemma" in model.lower() else f"https://huggingface.co/{model}"
-        return ModelUnavailable(
-            f"{model} is a gated model and this machine has no access: accept the licence at {url} and set "
-            "HF_TOKEN to a token of that account, or pass --model with a local directory holding the model"
-        )
-    if any(isinstance(e, RepositoryNotFoundError) for e in chain) or "not a valid model identifier" in text:
-        return ModelUnavailable(
-            f"{model} was not found on the Hugging Face hub (or it is private): check the id, set HF_TOKEN for a "
-            "private model, or pass --model with a local directory holding the model"
-        )
-    from huggingface_hub import constants
-
-    offline = constants.is_offline_mode()
-    where = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-    return ModelUnavailable(
-        f"{model} is not in the local cache and {where}: download it once with network access "
-        f"(huggingface-cli download {model}), or pass --model with a local directory holding the model "
-        f"(detail: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    )
-
-
-def read_family(model: str, *, trust_remote_code: bool = False) -> str:
+def read_family(model: str) -> str:
     """The family of ``model`` (hub id or local directory), read from its ``config.json`` ``model_type``.
 
-    The config is read as data (``PretrainedConfig.get_config_dict``), so no repository code runs whatever
-    ``trust_remote_code`` says; the flag only shapes the message for a model_type that exists only as remote
-    code. Raises :class:`ModelUnavailable` when the config cannot be fetched or found, and
-    :class:`ConfigurationError` for a family this server does not support.
+    The config is read as data (``PretrainedConfig.get_config_dict``), so no repository code runs. Raises
+    :class:`ModelUnavailable` when the config cannot be fetched or found, and :class:`ConfigurationError` for a
+    family this server does not support.
     """
-    if _looks_local(model):
+    if looks_local(model):
         directory = Path(model).expanduser()
         if not directory.is_dir():
             raise ModelUnavailable(
@@ -106,8 +57,8 @@ def read_family(model: str, *, trust_remote_code: bool = False) -> str:
     if family is None:
         supported = ", ".join(sorted(MODEL_TYPES))
         hint = ""
-        if config.get("auto_map") and not trust_remote_code:
-            hint = " (its code lives in its repository; even with --trust-remote-code only these families are served)"
+        if config.get("auto_map"):
+            hint = " (its code lives in its repository, which this server never runs)"
         raise ConfigurationError(
             f"{model} has model_type {model_type or '(none)'!r}, which this server does not serve{hint}: "
             f"supported model types are {supported}"
@@ -115,38 +66,26 @@ def read_family(model: str, *, trust_remote_code: bool = False) -> str:
     return family
 
 
+BACKENDS: dict[str, str] = {
+    "paligemma": "vlm_tools.backends.paligemma_local:PaliGemmaBackend",
+    "molmo2": "vlm_tools.backends.molmo2_local:Molmo2Backend",
+}
+"""family → the local backend class that serves it, imported only when a model of that family loads."""
+
+
 def load_backend(model: str, settings: Settings) -> Backend:
     """Load ``model`` as a resident backend of its family (read from its config)."""
-    family = read_family(model, trust_remote_code=settings.trust_remote_code)
-    log.info(
-        "loading %s (family %s) on device=%s dtype=%s quantize=%s",
-        model,
-        family,
-        settings.device,
-        settings.dtype,
-        settings.quantize,
-    )
-    if family == "paligemma":
-        from .paligemma_local import PaliGemmaBackend
-
-        return PaliGemmaBackend.load(model, settings)
-    if family == "molmo2":
-        from .molmo2_local import Molmo2Backend
-
-        return Molmo2Backend.load(model, settings)
-    if not settings.trust_remote_code:
+    family = read_family(model)
+    target = BACKENDS.get(family)
+    if target is None:  # Molmo (0924): its code lives in its repository and does not run on transformers 5
         raise ConfigurationError(
-            f"{model} is a Molmo 0924 model, whose code lives in its repository: it needs --trust-remote-code "
-            "and, even then, transformers < 5 or a vLLM server (--backend openai; see README)"
+            f"{model} is a Molmo 0924 model, whose code lives in its repository and does not run on the "
+            "transformers this server uses: serve it with vLLM (--trust-remote-code) and use --backend openai "
+            "(see docs/remote.md), or use Molmo2"
         )
-    try:
-        from .molmo_local import MolmoBackend
-    except ImportError as error:
-        raise ConfigurationError(
-            f"{model} is a Molmo 0924 model and this installation has no local Molmo backend ({error}): "
-            "serve it with vLLM and use --backend openai (see README)"
-        ) from error
-    return MolmoBackend.load(model, settings)
+    module, _, name = target.partition(":")
+    backend_class = getattr(importlib.import_module(module), name)
+    return backend_class.load(model, settings)
 
 
 def load_backends(settings: Settings) -> list[Backend]:

@@ -6,9 +6,13 @@ same tool call gives the same result whichever way the model runs. What this mod
 * one ``user`` message whose content is ``[image_url, text]``: the image as a ``data:image/png;base64,…`` URI
   encoded from the image the server already fetched, decoded and checked (a user's URL never reaches the
   inference server, whose own fetching has had SSRF holes), then the family's prompt text;
-* greedy decoding: ``temperature 0``, ``top_p 1``, ``seed 0``, ``n 1``, ``max_tokens`` = the request's limit;
-* for vLLM, ``skip_special_tokens: false`` so PaliGemma's ``<loc####>`` tokens reach the parser (see
-  :data:`~vlm_tools.backends.remote_client.VLLM_EXTRAS`).
+* greedy decoding that inherits nothing: vLLM takes its default sampling parameters from the checkpoint's
+  ``generation_config.json`` (a repetition penalty there would bend every answer), so the neutral values are
+  sent explicitly — ``temperature 0``, ``top_p 1``, no presence or frequency penalty, ``seed 0``, ``n 1``,
+  ``max_tokens`` = the request's limit, and vLLM's own ``top_k 0``, ``min_p 0``, ``repetition_penalty 1``,
+  ``min_tokens 0`` (see :data:`~vlm_tools.backends.remote_client.VLLM_EXTRAS`);
+* special tokens are dropped from the text, as the local backends drop them (PaliGemma's ``<locNNNN>`` tokens
+  are not special and come through).
 
 A batch is sent as concurrent requests (the inference server batches them itself: that is where its throughput
 comes from); a request whose ``cancel`` event is set is not sent, or its connection is closed.
@@ -19,19 +23,18 @@ loaded from) containing ``paligemma`` → paligemma, ``molmo2`` → molmo2, ``mo
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import io
 import logging
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import Cancelled, ConfigurationError, ModelError, VlmToolsError
+from ..images.encode import png_data_uri
 from .base import Backend, Outcome, Request
-from .family import Family, get_family
+from .families import get_family
+from .family import Family
 from .remote_client import ServerPool, error_message
 
 if TYPE_CHECKING:
@@ -44,18 +47,6 @@ log = logging.getLogger(__name__)
 FAMILY_MARKERS = (("paligemma", "paligemma"), ("molmo2", "molmo2"), ("molmo", "molmo"))
 """(substring of the lower-cased model name, family), first match wins."""
 
-RESERVED_TOKENS: dict[str, re.Pattern[str]] = {
-    "paligemma": re.compile(
-        r"<(?:image|bos|eos|pad|unk|mask|start_of_turn|end_of_turn|loc\d{4}|seg\d{3}|unused\d+)>"
-    ),
-    "molmo2": re.compile(
-        r"<\|[a-z_]+\|>|<(?:im_patch|im_col|im_start|low_res_im_start|frame_start|im_end|frame_end|im_low)>"
-    ),
-    "molmo": re.compile(r"<\|[a-z_]+\|>|<(?:im_patch|im_col|im_start|im_end)>"),
-}
-"""Control-token spellings per family. In user text they are broken up (``<eos>`` → ``< eos>``) exactly as the
-local backends do, so a question cannot end the prompt early or forge an image, and results match the local ones."""
-
 PROBE_TIMEOUT_S = 10.0
 
 
@@ -67,20 +58,6 @@ def family_from_name(*names: str | None) -> str | None:
             if marker in lowered:
                 return family
     return None
-
-
-def neutralise(family: str, text: str) -> str:
-    """``text`` with every reserved-token spelling of ``family`` broken up by a space after ``<``."""
-    pattern = RESERVED_TOKENS.get(family)
-    return pattern.sub(lambda m: "< " + m.group(0)[1:], text) if pattern else text
-
-
-def png_data_uri(image: Image.Image) -> str:
-    """The image as a lossless PNG ``data:`` URI (RGB, as the local backends feed the model)."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    buffer = io.BytesIO()
-    rgb.save(buffer, format="PNG", compress_level=1)  # lossless either way; level 1 is several times faster
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def chat_body(model: str, prompt: str, image: Image.Image, max_new_tokens: int) -> dict[str, Any]:
@@ -98,6 +75,8 @@ def chat_body(model: str, prompt: str, image: Image.Image, max_new_tokens: int) 
         ],
         "temperature": 0,
         "top_p": 1,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
         "seed": 0,
         "n": 1,
         "max_tokens": max(1, int(max_new_tokens)),
@@ -133,11 +112,11 @@ class RemoteBackend(Backend):
         backoff_s: tuple[float, float] = (5.0, 30.0),
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.family_impl: Family = get_family(family)
+        self.conventions: Family = get_family(family)
         self.name = model
-        self.family = self.family_impl.name
-        self.native = self.family_impl.native
-        self.supported = self.family_impl.supported
+        self.family = self.conventions.name
+        self.native = self.conventions.native
+        self.supported = self.conventions.supported
         self.max_batch_size = max_batch_size
         # Enough batches in flight to fill every server's slots; the servers batch across them.
         self.parallelism = max(1, len(base_urls) * max(1, concurrency // max(1, max_batch_size)))
@@ -156,8 +135,8 @@ class RemoteBackend(Backend):
         )  # fmt: skip
 
     def prompt(self, request: Request) -> str:
-        """The text sent beside the image: the family's prompt with reserved-token spellings broken up."""
-        return neutralise(self.family, self.family_impl.prompt(request))
+        """The text sent beside the image: the family's prompt (caller text already neutralised)."""
+        return self.conventions.prompt(request)
 
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
         """Send every request at once; wait for all, abandoning those whose ``cancel`` gets set meanwhile."""
@@ -194,7 +173,7 @@ class RemoteBackend(Backend):
                 return error
             log.error("remote request failed unexpectedly", exc_info=error)
             return ModelError(f"the remote request failed unexpectedly ({type(error).__name__}: {error})")
-        return self.family_impl.interpret(request, future.result())
+        return self.conventions.interpret(request, future.result())
 
     def close(self) -> None:
         """Close the connections to the inference servers."""

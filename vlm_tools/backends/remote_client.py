@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 MESSAGE_LIMIT = 300
 """Most characters of a server's error message quoted in ours."""
 
-VLLM_EXTRAS = {"skip_special_tokens": False}
-"""Extra sampling parameters vLLM accepts and PaliGemma needs (keep ``<loc####>`` in the text). Servers that
-refuse unknown fields (``transformers serve`` answers 422) get the request again without them, and from then on
-never see them; ``transformers serve`` keeps added tokens such as ``<loc####>`` anyway."""
+VLLM_EXTRAS = {"top_k": 0, "min_p": 0, "repetition_penalty": 1, "min_tokens": 0}
+"""vLLM's sampling parameters beyond OpenAI's, at their neutral values: without them vLLM would take the
+checkpoint's ``generation_config.json`` values (see :mod:`vlm_tools.backends.remote`). Servers that refuse unknown
+fields (``transformers serve`` answers 422) get the request again without them, and from then on never see them;
+``transformers serve`` decodes greedily with no penalties anyway."""
 
 
 def error_message(response: httpx.Response) -> str:

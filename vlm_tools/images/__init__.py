@@ -4,6 +4,7 @@
 * :mod:`.paths` — local files confined to the allowed directories;
 * :mod:`.fetch` — SSRF-safe http(s) fetching;
 * :mod:`.store` — decoded images kept for reuse by ``image_id``;
+* :mod:`.encode` — an image as a PNG ``data:`` URI (what inference servers are sent);
 * :mod:`.sources` — the one entry point: any accepted source form → a stored image.
 """
 

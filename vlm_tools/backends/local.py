@@ -1,0 +1,141 @@
+"""A model resident in this process: loading, and the batched greedy path every local family shares.
+
+One ``run_batch`` call reads top-down:
+
+1. each request's prompt from its family (:mod:`vlm_tools.backends.families`); a request that was cancelled before
+   the start, or whose prompt cannot be built, fails alone in its slot;
+2. :meth:`LocalBackend.prepare_inputs` — the family's processor call, left-padded, on the device (a hook);
+3. one greedy ``generate`` for the live rows (:func:`~vlm_tools.backends.generation.generate_rows`);
+4. :meth:`LocalBackend.decode` of each row's new tokens (a hook), then the family's parser.
+
+A family's file (``paligemma_local.py``, ``molmo2_local.py``) holds only the two hooks and what differs in loading.
+Imported only when a local model loads (torch and transformers load with it).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import Cancelled, ModelError, VlmToolsError
+from . import generation, placement
+from .base import Backend, Outcome, Request
+from .families import get_family
+from .hub import model_unavailable
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LocalBackend(Backend):
+    """A resident model of one family; subclasses set :attr:`family` and fill in the two hooks.
+
+    Args:
+        name: what results report as ``model`` (the hub id or directory it was loaded from).
+        model: the transformers model, in eval mode, on ``device``.
+        processor: its processor; the tokenizer pads on the left, where generation continues every row.
+        device: where the model runs.
+        max_batch_size: most requests in one ``generate``.
+    """
+
+    attention: ClassVar[str | dict[str, str]] = "sdpa"
+    """The attention kernel to load with: the fastest exact one the family's transformers classes support."""
+
+    def __init__(self, name: str, model: Any, processor: Any, *, device: str, max_batch_size: int = 8) -> None:
+        self.name = name
+        self.conventions = get_family(self.family)
+        self.native = self.conventions.native
+        self.supported = self.conventions.supported
+        self.max_batch_size = max_batch_size
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.device = device
+        self.eos_token_ids = generation.stop_token_ids(model, self.tokenizer)
+        self.pad_token_id = generation.pad_token_id(model, self.tokenizer, self.eos_token_ids)
+        model.generation_config = generation.neutral_generation_config(model, self.eos_token_ids, self.pad_token_id)
+
+    @classmethod
+    def load(cls, model: str, settings: Settings) -> LocalBackend:
+        """Load processor and weights from a hub id or a ``save_pretrained`` directory, straight onto the device.
+
+        The checkpoints' own repository code (``auto_map``) never runs: both families are native in transformers.
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        place = placement.Placement.from_settings(settings.device, settings.dtype, settings.quantize, cls.attention)
+        try:
+            processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
+            network = AutoModelForImageTextToText.from_pretrained(model, trust_remote_code=False, **place.kwargs)
+        except OSError as error:  # missing files, no network, gated: say how to make the model available
+            raise model_unavailable(model, error) from error
+        network.eval()
+        log.info("loaded %s (%s) on %s: %s", model, cls.family, place.describe(),
+                 placement.memory_taken(network, place.device))  # fmt: skip
+        return cls(model, network, processor, device=place.device, max_batch_size=settings.max_batch_size)
+
+    # --- running ------------------------------------------------------------------------------------------
+
+    def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
+        """Run the requests in one ``generate`` call; per-request failures and cancellations stay in their slot."""
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        live: list[int] = []
+        prompts: list[str] = []
+        for index, request in enumerate(requests):
+            if request.cancel.is_set():
+                outcomes[index] = Cancelled("the request was cancelled before the model started on it")
+                continue
+            try:
+                prompts.append(self.conventions.prompt(request))
+            except VlmToolsError as error:  # a bad request fails alone, the rest of the batch runs
+                outcomes[index] = error
+                continue
+            live.append(index)
+        if live:
+            batch = [requests[i] for i in live]
+            inputs = self.prepare_inputs(batch, prompts)
+            rows = generation.generate_rows(
+                self.model, inputs, batch, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id
+            )
+            for index, row in zip(live, rows, strict=True):
+                outcomes[index] = row if isinstance(row, Cancelled) else self._interpret(requests[index], row)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    @abstractmethod
+    def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """The left-padded model inputs of a batch, on the device (the family's processor call)."""
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """One row's new tokens as text. Special tokens are dropped: the families' geometry is in ordinary tokens
+        (Molmo2's points are text; PaliGemma's ``<locNNNN>`` tokens are not special)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _interpret(self, request: Request, tokens: Sequence[int]) -> Outcome:
+        raw = self.decode(tokens)
+        try:
+            return self.conventions.interpret(request, raw)
+        except VlmToolsError as error:
+            return error
+        except Exception as error:  # the contract says interpret never raises; if it does, only this row fails
+            log.exception("interpreting the output of %s failed", self.name)
+            return ModelError(f"could not read the model's answer ({type(error).__name__}); raw output: {raw[:200]!r}")
+
+    # --- resources ----------------------------------------------------------------------------------------
+
+    def is_oom(self, error: BaseException) -> bool:
+        """Whether ``error`` is a device out-of-memory error (the engine then splits the batch)."""
+        return placement.is_oom(error)
+
+    def free_memory(self) -> None:
+        """Give cached device memory back."""
+        placement.free_memory()
+
+    def close(self) -> None:
+        """Drop the model and free its memory."""
+        self.model = None
+        placement.free_memory()
