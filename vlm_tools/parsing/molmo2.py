@@ -8,12 +8,18 @@ The format (REFERENCE.md and the parsing code on the Molmo2 model card; transfor
 y on 0–1000 of the image's width and height, written zero-padded to three digits (``073``; ``1000`` has
 four). The card's reference parser separates groups by a tab, ``:``, ``,`` or ``;`` and accepts only 3–4
 digit coordinates; this parser does the same. Counting answers read
-``"Counting the <points …>the boats</points> shows a total of 3."``.
+``"Counting the <points …>the boats</points> shows a total of 3."``, ``There are 3 <points …>…</points>.``,
+or ``There are none.``. ``tests/golden/real_outputs.json`` holds outputs real models printed.
 
 Decisions:
 
 * Only the points of one image are returned — image 1 by default, since the server sends one image per
   request; ``image_index=None`` returns the points of every image, in output order.
+* A group of ``3k`` numbers has no image index: it is one image's triplets (AI2's own UI reads
+  ``coords="1 193 076 2 226 144"`` so). A group of ``3k + 1`` numbers starts with its image index. A complete
+  group of any other length is malformed — which number is which cannot be told — and gives no points.
+* Video output is not read: a group led by a timestamp (``1.5``) rather than an integer image index, and
+  ``<tracks>`` elements. The server sends images only.
 * The singular ``<point coords=…>`` is read like ``<points>`` (not seen in the card, harmless to accept).
 * A coordinate over 1000, or a triplet that is not ``digits ddd[d] ddd[d]``, drops that point only.
 * Output cut off inside ``coords``: every triplet that is complete is kept; the last number is trusted only
@@ -35,7 +41,7 @@ POINT_TAGS = ("points", "point")
 """Tag names that carry Molmo2 points (``tracks`` is video-only and not read)."""
 
 _GROUP_SEPARATOR = re.compile(r"[\t:,;]")
-_INDEX = re.compile(r"\d{1,6}(?:\.\d{1,6})?")
+_INDEX = re.compile(r"\d{1,6}")  # an image index; a video frame's timestamp ("1.5", "0.0") is not one
 _ID = re.compile(r"\d{1,6}")
 _COORD = re.compile(r"\d{3,4}")
 
@@ -52,13 +58,13 @@ def parse_points(raw: str, image_index: int | None = 1) -> list[NormPoint]:
     points: list[NormPoint] = []
     for el in find_elements(require_str(raw), POINT_TAGS):
         if "coords" in el.attrs:
-            coords = el.attrs["coords"]
+            coords, complete = el.attrs["coords"], True
         elif "coords" in el.cut:
-            coords = _complete_prefix(el.cut["coords"])
+            coords, complete = _complete_prefix(el.cut["coords"]), False
         else:
             continue
         label = el.label
-        for x, y in _coords_points(coords, image_index):
+        for x, y in _coords_points(coords, image_index, complete):
             points.append(NormPoint(x, y, label))
     return points
 
@@ -81,15 +87,22 @@ def _complete_prefix(partial: str) -> str:
     return partial
 
 
-def _coords_points(coords: str, image_index: int | None) -> list[tuple[float, float]]:
+def _coords_points(coords: str, image_index: int | None, complete: bool) -> list[tuple[float, float]]:
+    """The points of ``coords``; ``complete`` is false when the output ended inside it (its last group may be cut
+    anywhere after its image index)."""
     found: list[tuple[float, float]] = []
     for group in _GROUP_SEPARATOR.split(coords):
         tokens = group.split()
-        if not tokens or not _INDEX.fullmatch(tokens[0]):
+        if not tokens:
             continue
-        if image_index is not None and float(tokens[0]) != image_index:
+        if complete and len(tokens) % 3 == 0:
+            index, rest = "1", tokens  # no image index: one image's triplets
+        elif not complete or len(tokens) % 3 == 1:
+            index, rest = tokens[0], tokens[1:]
+        else:
+            continue  # malformed: neither triplets nor an index and triplets
+        if not _INDEX.fullmatch(index) or (image_index is not None and int(index) != image_index):
             continue
-        rest = tokens[1:]
         for i in range(0, len(rest) - 2, 3):
             point_id, xs, ys = rest[i : i + 3]
             if not (_ID.fullmatch(point_id) and _COORD.fullmatch(xs) and _COORD.fullmatch(ys)):
