@@ -46,7 +46,8 @@ IMAGE_TOKENS = (
 
 _CORPUS = (
     "Describe this image in one or two sentences. Describe this image in detail. Answer in German.",
-    "What is in the picture? How many objects are there? Transcribe all the text in this image. Keep the reading order.",
+    "What is in the picture? How many objects are there?",
+    "Transcribe all the text in this image. Keep the reading order.",
     "Point to the red circle. Point to all the boats. Point to the blue square. Count the cars.",
     '<points coords="1 1 073 160 2 173 600" alt="boats">the boats</points>',
     '<point x="63.3" y="85.8" alt="cup">cup</point>',
