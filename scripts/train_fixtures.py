@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_tools.backends.base import Backend, Request, Task
-from vlm_tools.backends.family import get_family
+from vlm_tools.backends.families import get_family
 from vlm_tools.evaluation import box_iou, point_in_box
 from vlm_tools.testing import ui_scenes
 from vlm_tools.testing.ui_scenes import Scene
@@ -119,6 +119,10 @@ class TrainSettings:
     named object for the k-th box, a harder lookup than the colour-and-shape match the suite needs."""
     digit_slip: float = 0.2
     """Molmo2: share of coordinates trained after a one-off hundreds digit (see :func:`_slip_digits`)."""
+    causal_share: float = 0.5
+    """PaliGemma: share of training rows that read their image and prompt causally instead of as one bidirectional
+    prefix. transformers runs PaliGemma with the prefix bidirectional, as Google trained it; vLLM's CPU attention
+    runs it causally (it has no prefix-LM masks). A fixture taught both answers the same through either."""
 
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
@@ -286,6 +290,9 @@ class CheckResult:
     """Median distance from the target's centre, as a share of max(width, height)."""
     mean_iou: float | None = None
     recall50: float | None = None
+    mode: str = ""
+    """How the model ran: ``""`` as its backend runs it; for PaliGemma ``"prefix"`` (image and prompt one
+    bidirectional prefix, as transformers runs it) or ``"causal"`` (as vLLM's CPU attention runs it)."""
 
 
 @dataclass
@@ -295,10 +302,12 @@ class Recipe:
     name: str
     model: torch.nn.Module
     processor: Any
-    make_backend: Callable[[], Backend]
+    make_backends: Callable[[], dict[str, Backend]]
+    """The backends the held-out check decodes through, by :attr:`CheckResult.mode`."""
     build_batch: Callable[[Sequence[Scene]], dict[str, torch.Tensor]]
     loss: Callable[[dict[str, torch.Tensor], float], torch.Tensor]
     task: Task
+    save_checkpoint: Callable[[Path], None]
     architecture: dict[str, Any] = field(default_factory=dict)
 
 
@@ -332,8 +341,18 @@ def training_scene(rng: random.Random, progress: float, settings: TrainSettings)
 
 
 def check(recipe: Recipe, settings: TrainSettings, max_new_tokens: int = 40) -> list[CheckResult]:
-    """Greedy-decode held-out scenes through the real backend class and score what its parser read."""
-    backend = recipe.make_backend()
+    """Greedy-decode held-out scenes through the real backend class (in each of the recipe's modes) and score what
+    its parser read."""
+    return [
+        result
+        for mode, backend in recipe.make_backends().items()
+        for result in _check_one(recipe, backend, mode, settings, max_new_tokens)
+    ]
+
+
+def _check_one(
+    recipe: Recipe, backend: Backend, mode: str, settings: TrainSettings, max_new_tokens: int
+) -> list[CheckResult]:
     results = []
     for size in CHECK_SIZES:
         scenes = list(
@@ -372,6 +391,7 @@ def check(recipe: Recipe, settings: TrainSettings, max_new_tokens: int = 40) -> 
                 errors[len(errors) // 2],
                 sum(ious) / len(ious) if ious else None,
                 sum(i >= 0.5 for i in ious) / len(ious) if ious else None,
+                mode,
             )
         )
     return results
@@ -398,7 +418,7 @@ def _score(results: Sequence[CheckResult]) -> float:
 def _describe(results: Sequence[CheckResult]) -> str:
     parts = []
     for r in results:
-        text = f"{r.size[0]}x{r.size[1]}: inside {r.inside:.1%} err {r.median_error:.3f}"
+        text = f"{r.mode + ' ' if r.mode else ''}{r.size[0]}x{r.size[1]}: inside {r.inside:.1%} err {r.median_error:.3f}"
         if r.mean_iou is not None:
             text += f" IoU {r.mean_iou:.3f} R@.5 {r.recall50:.0%}"
         parts.append(text)
@@ -490,7 +510,9 @@ class PaliGemmaSize:
     vision_heads: int = 4
     text_hidden: int = 96
     text_layers: int = 4
-    text_heads: int = 4
+    text_heads: int = 3
+    text_head_dim: int = 32
+    """32: the narrowest head vLLM's CPU attention takes."""
     init_std: float = 0.1
     """Weight init of the Gemma 2 text model: about 1/sqrt(text_hidden). Gemma's own 0.02 suits a width of
     thousands; at 96 it leaves attention scores near zero and uniform, and the model sits for hundreds of steps
@@ -501,85 +523,30 @@ class PaliGemmaSize:
 
 PALIGEMMA_WORDS = ("detect", *(f"▁{w}" for w in (*ui_scenes.PALETTE, *ui_scenes.SHAPES)))
 """Whole-word tokens of the PaliGemma tokenizer (``▁`` is a space): a prompt reads ``detect ▁red ▁button`` rather
-than 17 characters, as it would with a real Gemma vocabulary. Everything else still spells out by character or
+than 17 characters, as it does with the real Gemma vocabulary. Everything else still spells out by character or
 byte, so any text tokenises."""
 
 
-def build_paligemma_tokenizer() -> Any:
-    """A ``GemmaTokenizer`` over the byte-fallback character vocabulary of the tiny builder plus BPE merges that
-    make each of :data:`PALIGEMMA_WORDS` one token."""
-    from transformers import GemmaTokenizer
+def paligemma_shape(size: PaliGemmaSize) -> Any:
+    """The hub-layout builder's shape for ``size``."""
+    from vlm_tools.testing.tiny_paligemma import PaliGemmaShape
 
-    from vlm_tools.testing.tiny_paligemma import SPECIAL_TOKENS
-    from vlm_tools.testing.tokenizer import byte_fallback_vocab
-
-    vocab = byte_fallback_vocab(SPECIAL_TOKENS)
-    merges: list[tuple[str, str]] = []
-    for word in PALIGEMMA_WORDS:
-        piece = word[0]
-        for char in word[1:]:
-            if (piece, char) not in merges:
-                merges.append((piece, char))
-            piece += char
-            vocab.setdefault(piece, len(vocab))
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def build_paligemma_processor(image_size: int) -> Any:
-    """The real ``PaliGemmaProcessor`` (SigLIP square resize, image / location / segmentation tokens added to the
-    tokenizer) over :func:`build_paligemma_tokenizer`."""
-    from transformers import PaliGemmaProcessor, SiglipImageProcessor
-
-    from vlm_tools.testing.tiny_paligemma import PATCH_SIZE
-
-    image_processor = SiglipImageProcessor(
-        size={"height": image_size, "width": image_size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
-    )
-    image_processor.image_seq_length = (image_size // PATCH_SIZE) ** 2
-    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_paligemma_tokenizer())
+    return PaliGemmaShape(
+        image_size=size.image_size, vision_hidden=size.vision_hidden, vision_layers=size.vision_layers,
+        vision_heads=size.vision_heads, vision_intermediate=size.vision_hidden * 4, text_hidden=size.text_hidden,
+        text_layers=size.text_layers, text_heads=size.text_heads, text_kv_heads=size.text_heads,
+        text_head_dim=size.text_head_dim, text_intermediate=size.text_hidden * 4, init_std=size.init_std,
+    )  # fmt: skip
 
 
 def build_paligemma(size: PaliGemmaSize, seed: int) -> tuple[torch.nn.Module, Any]:
-    """A fresh PaliGemma 2 of ``size`` with the real processor (SigLIP square resize, Gemma tokenizer)."""
-    from transformers import (
-        Gemma2Config,
-        GenerationConfig,
-        PaliGemmaConfig,
-        PaliGemmaForConditionalGeneration,
-        SiglipVisionConfig,
-    )
+    """A fresh PaliGemma 2 of ``size`` in the hub's layout (Gemma-shaped tokenizer, the real processor) whose
+    vocabulary spells each of :data:`PALIGEMMA_WORDS` as one token."""
+    from vlm_tools.testing.tiny_paligemma import new_model
 
-    from vlm_tools.testing.tiny_paligemma import PATCH_SIZE
-
-    processor = build_paligemma_processor(size.image_size)
+    model, processor = new_model(paligemma_shape(size), seed=seed, words=PALIGEMMA_WORDS)
     tokenizer = processor.tokenizer
-    vocab = len(tokenizer)
-    head_dim = size.text_hidden // size.text_heads
-    vision = SiglipVisionConfig(
-        hidden_size=size.vision_hidden, intermediate_size=size.vision_hidden * 4, num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads, image_size=size.image_size, patch_size=PATCH_SIZE,
-        projection_dim=size.text_hidden, vision_use_head=False,
-    )  # fmt: skip
-    text = Gemma2Config(
-        vocab_size=vocab, hidden_size=size.text_hidden, intermediate_size=size.text_hidden * 4,
-        num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads, num_key_value_heads=size.text_heads,
-        head_dim=head_dim, query_pre_attn_scalar=head_dim, max_position_embeddings=1024, sliding_window=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        initializer_range=size.init_std,
-        # No tanh soft-capping of attention scores and logits (a config choice): at this size it buys nothing and
-        # costs elementwise passes over every score and logit.
-        attn_logit_softcapping=None, final_logit_softcapping=None,
-    )  # fmt: skip
-    config = PaliGemmaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vocab_size=vocab, projection_dim=size.text_hidden, hidden_size=size.text_hidden,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(config)
-    grid = size.image_size // PATCH_SIZE
+    grid = size.image_size // 14
     with torch.no_grad():
         model.model.vision_tower.embeddings.position_embedding.weight.copy_(
             0.5 * position_code_2d(grid, size.vision_hidden)
@@ -589,10 +556,6 @@ def build_paligemma(size: PaliGemmaSize, seed: int) -> tuple[torch.nn.Module, An
         loc0 = tokenizer.convert_tokens_to_ids("<loc0000>")
         code = loc_code(LOC_BINS, size.text_hidden, high=size.loc_high)
         table[loc0 : loc0 + LOC_BINS] = code * (table.norm(dim=1).mean() / code.norm(dim=1).mean())
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64,
-    )  # fmt: skip
     return model, processor
 
 
@@ -664,6 +627,7 @@ def paligemma_recipe(size: PaliGemmaSize, settings: TrainSettings) -> Recipe:
     _check_paligemma_tokens(tokenizer)
 
     label_rng = random.Random(settings.seed + 1)
+    attention_rng = random.Random(settings.seed + 2)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     grid = size.image_size // 14
 
@@ -681,6 +645,9 @@ def paligemma_recipe(size: PaliGemmaSize, settings: TrainSettings) -> Recipe:
             text=prompts, images=[s.image for s in scenes], suffix=answers, return_tensors="pt", padding="longest"
         )
         inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"], offset=1)
+        # A row whose token types are all 1 reads its prefix causally (see TrainSettings.causal_share).
+        causal = torch.tensor([attention_rng.random() < settings.causal_share for _ in scenes])
+        inputs["token_type_ids"] = inputs["token_type_ids"].masked_fill(causal[:, None], 1)
         batch = dict(inputs)
         if settings.attn_weight > 0:
             # The positions predicting an object's four <loc> tokens look at that object: at the whole of it, or
@@ -712,10 +679,26 @@ def paligemma_recipe(size: PaliGemmaSize, settings: TrainSettings) -> Recipe:
             per_token[is_loc] = -(soft * logp[is_loc][:, loc0 : loc0 + LOC_BINS]).sum(1)
         return per_token.mean() + extra
 
-    def make_backend() -> Backend:
-        return PaliGemmaBackend("training", model, processor, device="cpu", dtype=torch.float32, max_batch_size=8)
+    class CausalPaliGemmaBackend(PaliGemmaBackend):
+        """The backend with the prompt read causally, as vLLM's CPU attention reads it (no prefix-LM mask)."""
 
-    return Recipe("paligemma", model, processor, make_backend, build_batch, loss, Task.DETECT, asdict(size))
+        def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+            inputs = super().prepare_inputs(requests, prompts)
+            inputs["token_type_ids"] = torch.ones_like(inputs["token_type_ids"])
+            return inputs
+
+    def make_backends() -> dict[str, Backend]:
+        kinds = {"prefix": PaliGemmaBackend} | ({"causal": CausalPaliGemmaBackend} if settings.causal_share else {})
+        return {mode: kind("training", model, processor, device="cpu", max_batch_size=8) for mode, kind in kinds.items()}
+
+    def save_checkpoint(path: Path) -> None:
+        from vlm_tools.testing.tiny_paligemma import save_hub_checkpoint
+
+        save_hub_checkpoint(model, processor, path)
+
+    return Recipe(
+        "paligemma", model, processor, make_backends, build_batch, loss, Task.DETECT, save_checkpoint, asdict(size)
+    )
 
 
 def _check_paligemma_tokens(tokenizer: Any) -> None:
@@ -753,6 +736,9 @@ class Molmo2Size:
     text_hidden: int = 96
     text_layers: int = 4
     heads: int = 4
+    """Attention heads of the vision tower and adapter."""
+    text_heads: int = 3
+    """Text attention heads, each 32 wide (the narrowest vLLM's CPU attention takes)."""
     init_std: float = 0.1
     """Weight init of every part: about 1/sqrt(text_hidden) (see :attr:`PaliGemmaSize.init_std`)."""
     digit_code: bool = True
@@ -790,84 +776,30 @@ def _molmo2_corpus() -> list[str]:
     return lines * 4
 
 
-def build_molmo2_tokenizer() -> Any:
-    """Molmo2's tokenizer layout (byte-level BPE, chat tokens at 0..2, image tokens above the base vocabulary),
-    with every digit its own token so a coordinate always spells the same way ("073" is 0, 7, 3)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def molmo2_shape(size: Molmo2Size) -> Any:
+    """The hub-layout builder's shape for ``size``: two ViT layers read (the deepest and the first), like the
+    hub's two of 27."""
+    from vlm_tools.testing.tiny_molmo2 import Molmo2Shape
 
-    from vlm_tools.testing.tiny_molmo2 import BASE_VOCAB_SIZE, CHAT_TOKENS, IMAGE_TOKENS
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BASE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=list(CHAT_TOKENS), show_progress=False,
+    return Molmo2Shape(
+        crop_size=size.crop_size, max_crops=size.max_crops, overlap_margins=size.overlap_margins,
+        pooling=size.pooling, vision_hidden=size.vision_hidden, vision_heads=size.heads,
+        vision_intermediate=size.vision_hidden * 4, vit_layers=(-2, -(size.vision_layers + 1)),
+        vit_declared_layers=size.vision_layers + 1, text_hidden=size.text_hidden, text_layers=size.text_layers,
+        text_heads=size.text_heads, text_kv_heads=size.text_heads, text_head_dim=size.text_hidden // size.text_heads,
+        text_intermediate=size.text_hidden * 4, adapter_intermediate=size.text_hidden * 2, init_std=size.init_std,
     )  # fmt: skip
-    backend.train_from_iterator(_molmo2_corpus(), trainer=trainer)
-    filler = [f"<|reserved_{i}|>" for i in range(BASE_VOCAB_SIZE - backend.get_vocab_size())]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in filler])
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens=list(IMAGE_TOKENS), padding_side="left", model_max_length=4096,
-    )  # fmt: skip
-    if tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[0]) != BASE_VOCAB_SIZE:
-        raise RuntimeError("image tokens must start right above the base vocabulary")
-    return tokenizer
 
 
 def build_molmo2(size: Molmo2Size, seed: int) -> tuple[torch.nn.Module, Any]:
-    """A fresh Molmo2 of ``size`` with the real processor (overlapping crops + low-res view, chat template)."""
-    from transformers import (
-        GenerationConfig,
-        Molmo2Config,
-        Molmo2ForConditionalGeneration,
-        Molmo2ImageProcessor,
-        Molmo2Processor,
-        Molmo2VideoProcessor,
-    )
-    from transformers.models.molmo2.configuration_molmo2 import (
-        Molmo2AdapterConfig,
-        Molmo2TextConfig,
-        Molmo2VisionConfig,
-    )
+    """A fresh Molmo2 of ``size`` in the hub's layout (Qwen2-shaped tokenizer whose merges are learnt from the
+    prompts and answers taught, the real processor and chat template)."""
+    from vlm_tools.testing.tiny_molmo2 import new_model
 
-    from vlm_tools.testing.tiny_molmo2 import ADDITIONAL_VOCAB_SIZE, BASE_VOCAB_SIZE, CHAT_TEMPLATE, PATCH_SIZE
-
-    tokenizer = build_molmo2_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids
-    text = Molmo2TextConfig(
-        hidden_size=size.text_hidden, intermediate_size=size.text_hidden * 4, num_hidden_layers=size.text_layers,
-        num_attention_heads=size.heads, num_key_value_heads=size.heads, head_dim=size.text_hidden // size.heads,
-        vocab_size=BASE_VOCAB_SIZE, additional_vocab_size=ADDITIONAL_VOCAB_SIZE, max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=None,
-        eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"), initializer_range=size.init_std,
-    )  # fmt: skip
-    vision = Molmo2VisionConfig(
-        hidden_size=size.vision_hidden, intermediate_size=size.vision_hidden * 4, num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.heads, num_key_value_heads=size.heads, head_dim=size.vision_hidden // size.heads,
-        image_size=[size.crop_size, size.crop_size], patch_size=PATCH_SIZE, initializer_range=size.init_std,
-    )  # fmt: skip
-    adapter = Molmo2AdapterConfig(
-        vision_feature_layer=[-1, 0], hidden_size=size.vision_hidden, num_attention_heads=size.heads,
-        num_key_value_heads=size.heads, head_dim=size.vision_hidden // size.heads,
-        intermediate_size=size.text_hidden * 2, text_hidden_size=size.text_hidden, initializer_range=size.init_std,
-    )  # fmt: skip
-    config = Molmo2Config(
-        text_config=text, vision_config=vision, adapter_config=adapter,
-        image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
-        image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
-        frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"),
-        tie_word_embeddings=False, initializer_range=size.init_std,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Molmo2ForConditionalGeneration(config)
+    model, processor = new_model(molmo2_shape(size), seed=seed, corpus=_molmo2_corpus())
     model.set_attn_implementation("sdpa")
-    grid = size.crop_size // PATCH_SIZE
+    ids = processor.tokenizer.convert_tokens_to_ids
+    grid = size.crop_size // 14
     with torch.no_grad():
         model.model.vision_tower.positional_embedding.copy_(0.5 * position_code_2d(grid, size.vision_hidden))
         if size.digit_code:
@@ -877,21 +809,6 @@ def build_molmo2(size: Molmo2Size, seed: int) -> tuple[torch.nn.Module, Any]:
             code = loc_code(10, size.text_hidden, high=5.0)
             for table in (model.get_input_embeddings().weight, model.lm_head.weight):
                 table[digit_rows] = code * (table.norm(dim=1).mean() / code.norm(dim=1).mean())
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")], pad_token_id=ids("<|endoftext|>"), do_sample=False
-    )
-    crop = {"height": size.crop_size, "width": size.crop_size}
-    processor = Molmo2Processor(
-        image_processor=Molmo2ImageProcessor(
-            size=crop, max_crops=size.max_crops, overlap_margins=list(size.overlap_margins), patch_size=PATCH_SIZE,
-            pooling_size=list(size.pooling),
-        ),
-        video_processor=Molmo2VideoProcessor(
-            size=crop, patch_size=PATCH_SIZE, pooling_size=list(size.pooling), num_frames=4
-        ),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, image_use_col_tokens=True, use_single_crop_col_tokens=False,
-        use_single_crop_start_token=True, video_use_col_tokens=False, use_frame_special_tokens=True,
-    )  # fmt: skip
     return model, processor
 
 
@@ -911,7 +828,7 @@ def molmo2_recipe(size: Molmo2Size, settings: TrainSettings) -> Recipe:
     grid = size.crop_size // 14 // size.pooling[0]
 
     def make_backend() -> Molmo2Backend:
-        return Molmo2Backend("training", model, processor, "cpu", family, max_batch_size=8)
+        return Molmo2Backend("training", model, processor, device="cpu", max_batch_size=8)
 
     builder = make_backend()
     noise_rng = random.Random(settings.seed + 1)
@@ -979,7 +896,15 @@ def molmo2_recipe(size: Molmo2Size, settings: TrainSettings) -> Recipe:
             per_token[smooth] = -(soft * logp[smooth][:, digit_ids]).sum(1)
         return per_token.mean() + extra
 
-    return Recipe("molmo2", model, processor, make_backend, build_batch, loss, Task.POINT, asdict(size))
+    def save_checkpoint(path: Path) -> None:
+        from vlm_tools.testing.tiny_molmo2 import save_hub_checkpoint
+
+        save_hub_checkpoint(model, processor, molmo2_shape(size), path)
+
+    return Recipe(
+        "molmo2", model, processor, lambda: {"": make_backend()}, build_batch, loss, Task.POINT, save_checkpoint,
+        asdict(size),
+    )
 
 
 def _digit_values(
@@ -1079,8 +1004,7 @@ def save(
     import transformers
 
     out.mkdir(parents=True, exist_ok=True)
-    recipe.model.save_pretrained(out)
-    recipe.processor.save_pretrained(out)
+    recipe.save_checkpoint(out)
     params = sum(p.numel() for p in recipe.model.parameters())
     record = {
         "family": recipe.name,
@@ -1190,14 +1114,16 @@ def _stages(record: dict[str, Any]) -> str:
 
 
 def _table(rows: Sequence[dict[str, Any]], with_iou: bool) -> str:
-    header = "| size | scenes | centre inside target | median centre error (÷ max(w, h)) |"
-    rule = "| --- | --- | --- | --- |"
+    modes = any(r.get("mode") for r in rows)
+    header = ("| attention " if modes else "") + "| size | scenes | centre inside target | median centre error (÷ max(w, h)) |"
+    rule = ("| --- " if modes else "") + "| --- | --- | --- | --- |"
     if with_iou:
         header += " mean IoU | recall@IoU 0.5 |"
         rule += " --- | --- |"
     lines = [header, rule]
     for r in rows:
-        line = f"| {r['size'][0]}×{r['size'][1]} | {r['count']} | {r['inside']:.1%} | {r['median_error']:.4f} |"
+        line = f"| {r['mode']} " if modes else ""
+        line += f"| {r['size'][0]}×{r['size'][1]} | {r['count']} | {r['inside']:.1%} | {r['median_error']:.4f} |"
         if with_iou:
             line += f" {r['mean_iou']:.3f} | {r['recall50']:.1%} |"
         lines.append(line)
