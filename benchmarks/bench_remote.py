@@ -1,17 +1,18 @@
-"""Benchmark: the in-process engine on a local model against the remote backend on ``transformers serve``.
+"""Benchmark: the in-process engine on a local model against the remote backend on vLLM and ``transformers serve``.
 
-Three ways to run the same tiny PaliGemma, each behind the same :class:`~vlm_tools.engine.Engine` (so the only
-difference is where the model runs), at each requested concurrency (callers submitting at once):
+Four ways to run the same tiny PaliGemma (shaped like the hub's), each behind the same
+:class:`~vlm_tools.engine.Engine` (so the only difference is where the model runs), at each requested concurrency
+(callers submitting at once):
 
 * ``local`` — the model in this process; the engine batches concurrent requests into one ``generate``.
-* ``remote`` — :class:`~vlm_tools.backends.remote.RemoteBackend` over ``transformers serve`` (one process); each
-  request is one HTTP chat completion with the image as a PNG data URI.
-* ``remote-cb`` — the same with ``transformers serve --continuous-batching``.
+* ``vllm`` — :class:`~vlm_tools.backends.remote.RemoteBackend` over vLLM's CPU build (``scripts/setup_vllm.sh``;
+  continuous batching); each request is one HTTP chat completion with the image as a PNG data URI.
+* ``tf-serve`` — the same over ``transformers serve``; ``tf-serve-cb`` with ``--continuous-batching``.
 
 Every request is a ``detect`` with a fixed token budget (a random tiny model rarely stops early, so each request
 decodes about ``--max-new-tokens`` tokens). Prints a table and writes JSON (``--out``). Run::
 
-    .venv/bin/python benchmarks/bench_remote.py --requests 24 --concurrency 1 8 --repeat 5 --out bench_remote.json
+    .venv/bin/python benchmarks/bench_remote.py --requests 32 --concurrency 1 8 16 --repeat 3 --out bench_remote.json
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from PIL import Image
 
 from vlm_tools.backends.base import Backend, Request, Task
 from vlm_tools.engine import Engine
-from vlm_tools.testing.transformers_serve import ServeProcess, with_chat_template
+from vlm_tools.testing.inference_servers import transformers_server, vllm_server, with_chat_template
 
 log = logging.getLogger("bench_remote")
 
@@ -99,27 +100,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     scratch = None if args.work_dir else tempfile.TemporaryDirectory(prefix="bench-remote-")
     work = Path(args.work_dir or scratch.name)  # type: ignore[union-attr]
-    source = Path(args.model_dir) if args.model_dir else build_tiny_paligemma(work / "built")
-    model_dir = with_chat_template(source, work / "tiny-paligemma")
-    log.info("model %s; starting transformers serve (plain and --continuous-batching)", model_dir)
+    source = Path(args.model_dir) if args.model_dir else build_tiny_paligemma(work / "tiny-paligemma")
+    # transformers serve needs a chat template that names the image; vLLM lays the prompt out itself and needs none.
+    templated = with_chat_template(source, work / "templated" / source.name)
     threads = args.threads or None
     if threads:
         import torch
 
         torch.set_num_threads(threads)  # the same budget in process as in each server
-    servers = {
-        "remote": ServeProcess(model_dir, work, threads=threads),
-        "remote-cb": ServeProcess(model_dir, work, continuous_batching=True, threads=threads),
-    }
+    servers = {}
+    if args.vllm_python:
+        servers["vllm"] = vllm_server(args.vllm_python, source, work, max_model_len=512, threads=threads,
+                                      max_num_seqs=max(args.concurrency))  # fmt: skip
+    servers["tf-serve"] = transformers_server(templated, work, threads=threads)
+    servers["tf-serve-cb"] = transformers_server(templated, work, continuous_batching=True, threads=threads)
+    log.info("model %s; starting %s", source, ", ".join(servers))
     results: list[dict[str, Any]] = []
     try:
         for server in servers.values():
             server.wait_ready()
         backends: dict[str, Backend] = {
-            "local": load_backend(str(model_dir), Settings(model=(str(model_dir),), device="cpu",
-                                                           max_batch_size=args.max_batch_size)),
+            "local": load_backend(str(source), Settings(model=(str(source),), device="cpu",
+                                                        max_batch_size=args.max_batch_size)),
             **{
-                mode: RemoteBackend([server.url], str(model_dir), "paligemma", concurrency=args.remote_concurrency,
+                mode: RemoteBackend([server.url], server.model, "paligemma", concurrency=args.remote_concurrency,
                                     timeout_s=600.0, max_batch_size=args.max_batch_size)
                 for mode, server in servers.items()
             },
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "best_requests_per_s": ranked[-1]["requests_per_s"],
                 "rounds_requests_per_s": [r["requests_per_s"] for r in rows],
             })  # fmt: skip
-        cb_fallback = CB_FALLBACK in servers["remote-cb"].log_tail(10_000)
+        cb_fallback = CB_FALLBACK in servers["tf-serve-cb"].log_tail(10_000)
     finally:
         for server in servers.values():
             server.stop()
@@ -161,6 +165,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratios_best": ratios(results, "best_requests_per_s"),
         "transformers_serve_cb_fell_back_to_sequential": cb_fallback,
     }  # fmt: skip
+
+
+def _default_vllm_python() -> Path | None:
+    python = Path(__file__).resolve().parent.parent / ".vllm-venv" / "bin" / "python"
+    return python if python.is_file() else None
 
 
 def _torch_threads() -> int:
@@ -185,10 +194,10 @@ def ratios(results: list[dict[str, Any]], key: str = "requests_per_s") -> dict[s
 
 def table(report: dict[str, Any]) -> str:
     """The results as a fixed-width text table, then the ratios."""
-    header = f"{'mode':<10} {'conc':>4} {'req':>4} {'wall s':>8} {'req/s':>8} {'best':>8} {'p50 ms':>8} {'p95 ms':>8}"
+    header = f"{'mode':<11} {'conc':>4} {'req':>4} {'wall s':>8} {'req/s':>8} {'best':>8} {'p50 ms':>8} {'p95 ms':>8}"
     lines = [header + "  rounds req/s", "(median round; best = fastest round)"]
     for r in report["results"]:
-        lines.append(f"{r['mode']:<10} {r['concurrency']:>4} {r['requests']:>4} {r['wall_s']:>8.2f} "
+        lines.append(f"{r['mode']:<11} {r['concurrency']:>4} {r['requests']:>4} {r['wall_s']:>8.2f} "
                      f"{r['requests_per_s']:>8.2f} {r['best_requests_per_s']:>8.2f} {r['p50_ms']:>8.1f} "
                      f"{r['p95_ms']:>8.1f}  {' '.join(f'{v:.2f}' for v in r['rounds_requests_per_s'])}")  # fmt: skip
     lines.append("")
@@ -213,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--remote-concurrency", type=int, default=16)
+    parser.add_argument("--vllm-python", type=Path, default=_default_vllm_python(),
+                        help="the vLLM venv's python (default: .vllm-venv/bin/python when it exists)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

@@ -40,3 +40,24 @@ def tiny_molmo2_dir(tiny_models_root: Path) -> Path:
     from vlm_tools.testing.tiny_molmo2 import build_tiny_molmo2
 
     return build_tiny_molmo2(tiny_models_root / "molmo2")
+
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP_VLLM = "bash scripts/setup_vllm.sh"
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The interpreter of the vLLM virtual environment (``scripts/setup_vllm.sh``, or ``VLM_TOOLS_VLLM_PYTHON``).
+
+    In CI (``CI`` set) a missing vLLM fails the ``vllm`` tests; elsewhere they skip, naming the setup command.
+    """
+    configured = os.environ.get("VLM_TOOLS_VLLM_PYTHON")
+    python = Path(configured) if configured else REPO / ".vllm-venv" / "bin" / "python"
+    ready = python.is_file() and (configured or (REPO / ".vllm-venv" / ".vlm-tools-ready").is_file())
+    if not ready:
+        message = f"vLLM is not set up at {python}: run `{SETUP_VLLM}`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlm_tools.backends.base import Backend
+from vlm_tools.backends.base import Backend, Outcome, Request
 from vlm_tools.settings import Settings
 
 
@@ -20,6 +20,20 @@ def png_bytes(width: int = 200, height: int = 100, color: tuple[int, int, int] =
     """A solid PNG of the given size."""
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_of(image: Image.Image) -> bytes:
+    """``image`` as PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pdf_of(images: Sequence[Image.Image]) -> bytes:
+    """A PDF with one page per image (Pillow writes it)."""
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="PDF", save_all=True, append_images=list(images[1:]), resolution=72)
     return buffer.getvalue()
 
 
@@ -39,6 +53,19 @@ def settings_for(tmp_path: Path, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+class Borrowed(Backend):
+    """A backend lent to one server: a server's lifespan closes its backends on the way out, this one stays open
+    for the next test."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name, self.family, self.native, self.supported = inner.name, inner.family, inner.native, inner.supported
+        self.max_batch_size, self.parallelism = inner.max_batch_size, inner.parallelism
+
+    def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
+        return self.inner.run_batch(requests)
 
 
 def loader(*backends: Backend) -> Callable[[Settings], Sequence[Backend]]:

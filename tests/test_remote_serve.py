@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import data_uri, png_bytes, settings_for
+from helpers import Borrowed, data_uri, png_bytes, settings_for
 from PIL import Image
 
-from vlm_tools.backends.base import Backend, Outcome, Output, Request, Task
+from vlm_tools.backends.base import Backend, Output, Request, Task
 from vlm_tools.backends.remote import RemoteBackend, load_remote_backends
 from vlm_tools.settings import Settings
-from vlm_tools.testing.transformers_serve import ServeProcess, with_chat_template
+from vlm_tools.testing.inference_servers import InferenceServer, transformers_server, with_chat_template
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -51,12 +51,14 @@ def served_dir(tiny_paligemma_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def servers(served_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, ServeProcess]]:
+def servers(
+    served_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[InferenceServer, InferenceServer]]:
     work = tmp_path_factory.mktemp("serve")
-    started: list[ServeProcess] = []
+    started: list[InferenceServer] = []
     try:
         # Both start loading at once; one torch thread each, so two servers and the local model share the cores.
-        started = [ServeProcess(served_dir, work, threads=1), ServeProcess(served_dir, work, threads=1)]
+        started = [transformers_server(served_dir, work, threads=1) for _ in range(2)]
         for server in started:
             server.wait_ready()
         yield started[0], started[1]
@@ -75,7 +77,7 @@ def local(served_dir: Path) -> Iterator[Backend]:
 
 
 @pytest.fixture(scope="module")
-def remote(servers: tuple[ServeProcess, ServeProcess], served_dir: Path, tmp_path_factory: pytest.TempPathFactory
+def remote(servers: tuple[InferenceServer, InferenceServer], served_dir: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Backend]:
     """The remote backend as the server loads it: model named by --remote-model, family read from the name."""
     settings = settings_for(tmp_path_factory.mktemp("settings"), backend="openai", base_url=(servers[0].url,),
@@ -83,18 +85,6 @@ def remote(servers: tuple[ServeProcess, ServeProcess], served_dir: Path, tmp_pat
     (backend,) = load_remote_backends(settings)
     yield backend
     backend.close()
-
-
-class Borrowed(Backend):
-    """A module-scoped backend lent to one server: the server's lifespan closes its backends on the way out."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.name, self.family, self.native, self.supported = inner.name, inner.family, inner.native, inner.supported
-        self.max_batch_size, self.parallelism = inner.max_batch_size, inner.parallelism
-
-    def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
-        return self.inner.run_batch(requests)
 
 
 def _one(backend: Backend, request: Request) -> Output:
@@ -166,7 +156,7 @@ async def test_the_same_tool_call_gives_the_same_result(
 
 
 def test_killing_one_of_two_servers_mid_run_loses_no_request(
-    servers: tuple[ServeProcess, ServeProcess], served_dir: Path, local: Backend
+    servers: tuple[InferenceServer, InferenceServer], served_dir: Path, local: Backend
 ) -> None:
     """Runs last: it kills the second server. Requests in flight on it are retried on the survivor."""
     first, second = servers

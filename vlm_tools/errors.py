@@ -69,6 +69,12 @@ class InvalidDocument(VlmToolsError):
     code = "invalid_document"
 
 
+class InputTooLong(VlmToolsError):
+    """The image and prompt take more tokens than the model's context holds."""
+
+    code = "input_too_long"
+
+
 class UnsupportedByModel(VlmToolsError):
     """No loaded model can do this task."""
 
@@ -128,6 +134,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
         UnknownImageId,
         InvalidArgument,
         InvalidDocument,
+        InputTooLong,
         UnsupportedByModel,
         Busy,
         Timeout,

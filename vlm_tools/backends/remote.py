@@ -96,6 +96,8 @@ class RemoteBackend(Backend):
         timeout_s: time limit of one HTTP request.
         max_batch_size: most requests the engine hands over at once.
         backoff_s: (first, longest) seconds a failing server is left alone.
+        max_model_len: the servers' context length when they report it (vLLM's ``GET /models``): no request asks
+            for more new tokens than that (vLLM refuses such a request outright; it fits the rest itself).
         transport: an httpx transport, for tests.
     """
 
@@ -110,9 +112,11 @@ class RemoteBackend(Backend):
         timeout_s: float = 120.0,
         max_batch_size: int = 8,
         backoff_s: tuple[float, float] = (5.0, 30.0),
+        max_model_len: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.conventions: Family = get_family(family)
+        self.max_model_len = max_model_len
         self.name = model
         self.family = self.conventions.name
         self.native = self.conventions.native
@@ -126,12 +130,14 @@ class RemoteBackend(Backend):
         )  # fmt: skip
 
     @classmethod
-    def from_settings(cls, settings: Settings, model: str, family: str) -> RemoteBackend:
+    def from_settings(
+        cls, settings: Settings, model: str, family: str, max_model_len: int | None = None
+    ) -> RemoteBackend:
         """A backend over every ``settings.base_url``, configured by the settings."""
         return cls(
             settings.base_url, model, family, api_key=settings.resolved_api_key(),
             concurrency=settings.remote_concurrency, timeout_s=settings.request_timeout_s,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.max_batch_size, max_model_len=max_model_len,
         )  # fmt: skip
 
     def prompt(self, request: Request) -> str:
@@ -147,7 +153,10 @@ class RemoteBackend(Backend):
                 outcomes[index] = Cancelled("the request was cancelled before it was sent to the inference server")
                 continue
             try:
-                body = chat_body(self.name, self.prompt(request), request.image, request.max_new_tokens)
+                limit = request.max_new_tokens
+                if self.max_model_len:
+                    limit = min(limit, self.max_model_len)
+                body = chat_body(self.name, self.prompt(request), request.image, limit)
             except VlmToolsError as error:
                 outcomes[index] = error
                 continue
@@ -259,7 +268,10 @@ def load_remote_backends(settings: Settings) -> list[Backend]:
                 "paligemma, molmo2 or molmo"
             )
         family = found
-    backend = RemoteBackend.from_settings(settings, model, family)
-    log.info("remote model %s (family %s) on %d server(s), %d requests in flight per server, parallelism %d",
-             model, family, len(settings.base_url), settings.remote_concurrency, backend.parallelism)
+    # vLLM reports its context length; with several servers the smallest one bounds every request.
+    lengths = [e["max_model_len"] for e in listed if e["id"] == model and isinstance(e.get("max_model_len"), int)]
+    backend = RemoteBackend.from_settings(settings, model, family, min(lengths) if lengths else None)
+    log.info("remote model %s (family %s) on %d server(s), %d requests in flight per server, parallelism %d%s",
+             model, family, len(settings.base_url), settings.remote_concurrency, backend.parallelism,
+             f", context {backend.max_model_len} tokens" if backend.max_model_len else "")
     return [backend]

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from ..errors import Busy, ModelError, Timeout
+from ..errors import Busy, InputTooLong, ModelError, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -291,5 +291,9 @@ class ServerPool:
         if status in (401, 403):
             raise ModelError(f"the inference server {server.url} refused the API key (HTTP {status}: {message}); "
                              "set the key in the variable named by --api-key-env (default VLM_TOOLS_API_KEY)")
+        if status == 400 and "maximum context length" in message:  # vLLM's words for a prompt that cannot fit
+            raise InputTooLong(f"the image and prompt do not fit the inference server's context ({message}); "
+                               "shorten the text or send a smaller image, or serve the model with a larger "
+                               "--max-model-len")
         raise ModelError(f"the inference server {server.url} rejected the request (HTTP {status}): {message}")
 
