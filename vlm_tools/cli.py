@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("document")
     p.add_argument("--pages", help="e.g. 1-3,5")
 
+    p = command("doctor", "Report what this machine has for serving (Python, torch, GPU, models, inputs, browser).")
+    p.add_argument("--json", action="store_true", help="Print the report as JSON.")
+
     p = command("eval", "Measure grounding accuracy of the loaded models on generated screenshots.")
     p.add_argument("--seed", type=int, default=1234, help="Scene seed (the fixture models never trained on 1234).")
     p.add_argument("--count", type=int, default=40, help="Images per size.")
@@ -82,16 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-iou", type=float, default=0.7, help="Target mean IoU of detect boxes.")
 
     return parser
-
-
-def _configure_logging(level: str) -> None:
-    # stdout carries the MCP protocol on stdio: every log line goes to stderr.
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # One line per HTTP request (URL fetches, remote inference calls) is noise at info level.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _tool_call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -152,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = from_arguments(args)
     except ValidationError as exc:
         parser.error(str(exc))
-    _configure_logging(settings.log_level)
+    from .logs import configure
+
+    configure(settings.log_level)
     try:
         if args.command == "serve":
             from .serve import serve
@@ -162,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluation import run_eval
 
             return run_eval(settings, args)
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(settings, as_json=args.json)
         return _one_shot(settings, args)
     except VlmToolsError as exc:
         print(f"vlm-tools: {exc}", file=sys.stderr)

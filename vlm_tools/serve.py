@@ -12,10 +12,20 @@ logger = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> int:
-    """Serve over stdio (until stdin closes) or streamable HTTP (until SIGINT/SIGTERM). Returns an exit code."""
-    from .server import build_server
+    """Load the models, then serve over stdio (until stdin closes) or streamable HTTP (until SIGINT/SIGTERM).
 
-    server = build_server(settings)
+    The models load before any transport starts, so a model that cannot be had stops the command at once with its
+    message (a :class:`~vlm_tools.errors.VlmToolsError` the command line prints), not inside a running server.
+    Returns an exit code.
+    """
+    from .server import build_server, load_configured_backends
+
+    if settings.transport == "http":
+        from .http_app import check_bind
+
+        check_bind(settings)  # a refused bind is a settings mistake: say so before loading any model
+    backends = load_configured_backends(settings)
+    server = build_server(settings, load_backends=lambda _settings: backends)
     if settings.transport == "stdio":
         anyio.run(server.run_stdio_async)
     else:

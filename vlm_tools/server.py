@@ -90,7 +90,7 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
     ``load_backends`` loads the models (default: the local or remote backends the settings name); it runs once,
     in the lifespan, in a worker thread so a slow model load never blocks the event loop.
     """
-    loader = load_backends or _default_loader
+    loader = load_backends or load_configured_backends
     metrics = Metrics()
 
     @asynccontextmanager
@@ -127,7 +127,8 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
     return server
 
 
-def _default_loader(settings: Settings) -> Sequence[Backend]:
+def load_configured_backends(settings: Settings) -> Sequence[Backend]:
+    """The models ``settings`` name: local ones loaded in this process, or the remote servers' model."""
     if settings.backend == "openai":
         from .backends.remote import load_remote_backends
 

@@ -5,6 +5,7 @@ Importing this module does not import torch, transformers or huggingface_hub; th
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -47,10 +48,45 @@ def model_unavailable(model: str, error: BaseException) -> ModelUnavailable:
         )
     from huggingface_hub import constants
 
-    offline = constants.is_offline_mode()
-    where = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+    if constants.is_offline_mode():
+        where = "HF_HUB_OFFLINE is set"
+    else:
+        where = f"the hub ({constants.ENDPOINT}) cannot be reached from here"
     return ModelUnavailable(
-        f"{model} is not in the local cache and {where}: download it once with network access "
-        f"(huggingface-cli download {model}), or pass --model with a local directory holding the model "
-        f"(detail: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        f"{model} is not in the local cache and {where}. Download it once where the hub can be reached "
+        f"(hf download {model}), or pass --model with a local directory holding the model; set HF_HUB_OFFLINE=1 to "
+        "never ask the hub. To try the tools without a download, in a clone of the vlm-tools repository: "
+        "--model tests/fixtures/models/molmo2-ui --model tests/fixtures/models/paligemma-ui"
     )
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all, asked once per process with a short time limit.
+
+    ``False`` without asking when ``HF_HUB_OFFLINE`` is set. A machine without network then fails in seconds,
+    where the hub client would retry each file of each model with back-off (about 50 s for the default models).
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    import httpx
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout_s)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def is_cached(model: str) -> bool:
+    """Whether the hub model ``model`` has its ``config.json`` in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "config.json"), str)
+
+
+def local_files_only(model: str) -> bool:
+    """Whether ``model`` must load without asking the hub: a local directory, offline mode, or no hub in reach."""
+    return looks_local(model) or not hub_reachable()

@@ -61,8 +61,9 @@ class LocalBackend(Backend):
         model.generation_config = generation.neutral_generation_config(model, self.eos_token_ids, self.pad_token_id)
 
     @classmethod
-    def load(cls, model: str, settings: Settings) -> LocalBackend:
-        """Load processor and weights from a hub id or a ``save_pretrained`` directory, straight onto the device.
+    def load(cls, model: str, settings: Settings, *, local_files_only: bool = False) -> LocalBackend:
+        """Load processor and weights from a hub id or a ``save_pretrained`` directory, straight onto the device
+        (from the local cache only with ``local_files_only``).
 
         The checkpoints' own repository code (``auto_map``) never runs: both families are native in transformers.
         """
@@ -70,8 +71,9 @@ class LocalBackend(Backend):
 
         place = placement.Placement.from_settings(settings.device, settings.dtype, settings.quantize, cls.attention)
         try:
-            processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
-            network = AutoModelForImageTextToText.from_pretrained(model, trust_remote_code=False, **place.kwargs)
+            local = {"trust_remote_code": False, "local_files_only": local_files_only}
+            processor = AutoProcessor.from_pretrained(model, **local)
+            network = AutoModelForImageTextToText.from_pretrained(model, **local, **place.kwargs)
         except OSError as error:  # missing files, no network, gated: say how to make the model available
             raise model_unavailable(model, error) from error
         network.eval()

@@ -1,0 +1,193 @@
+"""The doorstep: what a new user meets before the first tool call.
+
+On a machine that cannot reach the hub, ``vlm-tools serve`` says within seconds why it cannot serve (once per
+model, with the ways out, no traceback) — and serves at once a model that is in the cache. ``vlm-tools doctor``
+reports the machine with and without a cache. A CPU start with big models warns of the memory they need. Tool
+descriptions reach agents as plain paragraphs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_openai import closed_port_url
+
+from vlm_tools.settings import Settings
+from vlm_tools.testing.published import published_text
+
+VLM_TOOLS = str(Path(sys.executable).with_name("vlm-tools"))
+DEFAULTS = ("allenai/Molmo2-4B", "google/paligemma2-3b-mix-448")
+
+
+def no_hub_env(home: Path) -> dict[str, str]:
+    """A process environment with an empty Hugging Face home and a hub that refuses connections."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "VLM_TOOLS_"))}
+    hub = closed_port_url().removesuffix("/v1")
+    env.update({"HF_HOME": str(home), "HF_ENDPOINT": hub, "OMP_NUM_THREADS": "1"})
+    return env
+
+
+def cache_model(home: Path, repo: str, source: Path) -> None:
+    """Put ``source``'s files into the hub cache under ``repo``, laid out as huggingface_hub lays a download out."""
+    base = home / "hub" / ("models--" + repo.replace("/", "--"))
+    snapshot = base / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file():
+            (snapshot / item.name).write_bytes(item.read_bytes())
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("0" * 40)
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> tuple[int, str, str, float]:
+    started = time.monotonic()
+    done = subprocess.run([VLM_TOOLS, *args], env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    return done.returncode, done.stdout, done.stderr, time.monotonic() - started
+
+
+def test_without_the_hub_serve_fails_in_seconds_saying_why_once(tmp_path: Path) -> None:
+    code, out, err, seconds = run(["serve"], no_hub_env(tmp_path / "hf"), tmp_path)
+    assert code == 2 and out == ""
+    assert seconds < 30, f"took {seconds:.1f} s"  # the hub client's retry ladder alone took ~50 s
+    assert "Traceback" not in err
+    for model in DEFAULTS:
+        assert err.count(f"{model} is not in the local cache") == 1, err
+    for way_out in ("--model with a local directory", "HF_HUB_OFFLINE=1", "--model tests/fixtures/models/molmo2-ui"):
+        assert way_out in err
+    lines = [re.sub(r"^\S+ \S+ ", "", line) for line in err.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), err  # every message once
+
+
+def test_without_the_hub_a_cached_model_serves_at_once(tmp_path: Path, tiny_paligemma_dir: Path) -> None:
+    home = tmp_path / "hf"
+    cache_model(home, "acme/tiny-paligemma", tiny_paligemma_dir)
+    code, out, err, seconds = run(["describe", str(image(tmp_path)), "--model", "acme/tiny-paligemma",
+                                   "--max-new-tokens", "4"], no_hub_env(home), tmp_path)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["model"] == "acme/tiny-paligemma"
+    assert "Retrying" not in err and seconds < 60
+
+
+def test_doctor_reports_the_machine_without_a_cache(tmp_path: Path) -> None:
+    code, out, err, _ = run(["doctor", "--json"], no_hub_env(tmp_path / "hf"), tmp_path)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["python"]["version"] and report["packages"]["torch"] and report["packages"]["transformers"]
+    assert report["hub"]["reachable"] is False and report["hub"]["token_set"] is False
+    assert report["device"]["chosen"]["device"] in ("cpu", "cuda", "mps")
+    molmo2, paligemma = report["models"]
+    assert (molmo2["model"], paligemma["model"]) == DEFAULTS
+    assert molmo2["cached"] is False and paligemma["cached"] is False
+    assert paligemma["gated"].startswith("yes") and molmo2["gated"].startswith("no")
+    if report["device"]["chosen"]["dtype"] == "float32":  # no GPU: what the default models would take
+        assert (molmo2["weights_gb"], paligemma["weights_gb"]) == (19.4, 12.1)
+    assert report["bitsandbytes"]["usable"] is False or report["device"]["cuda"]["available"]
+    assert {"urls", "allowed_paths"} <= set(report["inputs"]) and "chromium" in report["browser"]
+
+
+def test_doctor_reports_a_cached_model_and_prints_text(tmp_path: Path, tiny_paligemma_dir: Path) -> None:
+    home = tmp_path / "hf"
+    cache_model(home, "acme/tiny-paligemma", tiny_paligemma_dir)
+    code, out, err, _ = run(["doctor", "--json", "--model", "acme/tiny-paligemma"], no_hub_env(home), tmp_path)
+    assert code == 0, err
+    (entry,) = json.loads(out)["models"]
+    assert entry["cached"] is True and entry["available"] is True
+    from transformers import AutoModelForImageTextToText
+
+    expected = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(tiny_paligemma_dir).parameters())
+    assert entry["parameters"] == expected
+    code, text, _, _ = run(["doctor", "--model", "acme/tiny-paligemma"], no_hub_env(home), tmp_path)
+    assert code == 0 and "models:" in text and "acme/tiny-paligemma" in text and "cached: yes" in text
+
+
+def test_a_cpu_start_with_big_models_warns_of_their_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two directories holding the real Molmo2-4B and PaliGemma 2 configs (no weights): the warning comes before
+    loading is tried."""
+    from vlm_tools.backends import placement
+    from vlm_tools.backends.loading import warn_if_heavy_on_cpu
+
+    monkeypatch.setattr(placement, "resolve_device", lambda setting: "cpu")
+    models = []
+    for name in ("molmo2-4b", "paligemma2-3b-mix-448"):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text(published_text(name, "config.json"))
+        models.append(str(directory))
+    with caplog.at_level(logging.WARNING):
+        warn_if_heavy_on_cpu(Settings(model=tuple(models), device="cpu"))
+    (record,) = [r for r in caplog.records if "no GPU" in r.getMessage()]
+    message = record.getMessage()
+    assert "31.5 GB" in message and "19.4 GB" in message and "12.1 GB" in message
+    assert f"--model {models[0]}" in message and "--backend openai" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # one small model: nothing to warn of
+        warn_if_heavy_on_cpu(Settings(model=(models[1],), dtype="bfloat16", device="cpu"))
+        warn_if_heavy_on_cpu(Settings(model=(str(tmp_path / "missing"),), device="cpu"))
+    assert [r for r in caplog.records if "no GPU" in r.getMessage()] == []
+
+
+def test_the_known_sizes_of_the_default_models_are_counted_from_their_published_configs(tmp_path: Path) -> None:
+    from vlm_tools.backends.sizing import KNOWN_PARAMETERS, parameter_count
+
+    for model, name in zip(DEFAULTS, ("molmo2-4b", "paligemma2-3b-mix-448"), strict=True):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text(published_text(name, "config.json"))
+        assert parameter_count(str(directory)) == KNOWN_PARAMETERS[model]
+
+
+def test_library_messages_appear_once(capfd: pytest.CaptureFixture[str]) -> None:
+    code = (
+        "import logging; from vlm_tools.logs import configure, route_library_logs; configure('info'); "
+        "route_library_logs(); logging.getLogger('huggingface_hub.utils._http').warning('from the hub client'); "
+        "logging.getLogger('transformers.modeling_utils').warning('from transformers')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("from the hub client") == 1 and done.stderr.count("from transformers") == 1
+    assert done.stdout == ""
+
+
+async def test_tool_descriptions_are_plain_paragraphs() -> None:
+    from mcp import Client
+    from scripted import ScriptedBackend, paligemma_script
+
+    from vlm_tools.server import build_server
+
+    server = build_server(Settings(model=("scripted",)), load_backends=lambda _s: [ScriptedBackend("paligemma",
+                                                                                                  paligemma_script)])
+    async with Client(server) as client:
+        tools = (await client.list_tools()).tools
+    assert len(tools) == 5
+    for tool in tools:
+        texts = [tool.description or ""] + [
+            p.get("description", "") for p in tool.input_schema.get("properties", {}).values()
+        ]
+        for text in texts:
+            assert not re.search(r"\n[ \t]", text), (tool.name, text)
+            assert "  " not in text, (tool.name, text)
+        assert tool.description and not tool.description.endswith(" ")
+
+
+def test_version() -> None:
+    done = subprocess.run([VLM_TOOLS, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "vlm-tools 0.1.0"
+
+
+def image(directory: Path) -> Path:
+    from helpers import png_bytes
+
+    path = directory / "shot.png"
+    path.write_bytes(png_bytes())
+    return path

@@ -1,0 +1,229 @@
+"""``vlm-tools doctor``: what this machine has for serving, in one report a user can paste into a bug report.
+
+Python and the packages that matter (torch with its CUDA build and devices, transformers, mcp, bitsandbytes), the
+Hugging Face hub (reachable, offline mode, cache), each configured model (cached, gated and whether a token is
+set, the memory its weights need at the dtype that would be chosen), the inputs (URL fetching, allowed paths) and
+Chromium for the web-automation example. It reports and exits 0 even when things are missing; ``--json`` prints
+the same report for machines. Nothing is downloaded and no weights are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .settings import Settings
+
+KNOWN_GATING = {"paligemma": "yes (every PaliGemma checkpoint is)", "molmo": "no (Molmo checkpoints are open)"}
+"""What a checkpoint's name says of its gating on the hub (licence acceptance and a token), for when the hub cannot
+be asked; the first name part found wins."""
+
+
+def run_doctor(settings: Settings, *, as_json: bool = False) -> int:
+    """Print the report (text, or JSON with ``as_json``); always 0."""
+    report = build_report(settings)
+    print(json.dumps(report, indent=2) if as_json else render(report))
+    return 0
+
+
+def build_report(settings: Settings) -> dict[str, Any]:
+    """The whole report as plain data."""
+    from .logs import route_library_logs
+
+    route_library_logs()
+    device = _device(settings)
+    return {
+        "vlm_tools": __version__,
+        "python": {"version": platform.python_version(), "executable": sys.executable, "platform": platform.platform()},
+        "packages": {name: _version(name) for name in ("torch", "torchvision", "transformers", "mcp", "pillow",
+                                                       "pypdfium2", "httpx", "playwright")},  # fmt: skip
+        "bitsandbytes": _bitsandbytes(device["cuda"]["available"]),
+        "device": device,
+        "hub": _hub(),
+        "models": _models(settings, device) if settings.backend == "local" else _remote(settings),
+        "inputs": {
+            "urls": "fetched (public addresses only)" if settings.allow_urls else "not fetched (--no-urls)",
+            "private_urls": settings.allow_private_urls,
+            "allowed_paths": [{"path": str(p), "exists": p.is_dir()} for p in dict.fromkeys(settings.allowed_roots)],
+            "max_image_pixels": settings.max_image_pixels,
+        },
+        "browser": _chromium(),
+    }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _device(settings: Settings) -> dict[str, Any]:
+    import torch
+
+    from .backends.placement import resolve_device, resolve_dtype
+    from .backends.sizing import cpu_computes_bfloat16
+    from .errors import ConfigurationError
+
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            major, minor = torch.cuda.get_device_capability(index)
+            gpus.append({"name": torch.cuda.get_device_name(index), "memory_gb": round(total / 1e9, 1),
+                         "free_gb": round(free / 1e9, 1), "compute_capability": f"{major}.{minor}"})  # fmt: skip
+    try:
+        chosen = resolve_device(settings.device)
+        dtype = str(resolve_dtype(settings.dtype, chosen)).removeprefix("torch.")
+    except ConfigurationError as error:
+        chosen, dtype = f"unavailable: {error.message}", None
+    return {
+        "cuda": {"available": torch.cuda.is_available(), "torch_cuda_build": torch.version.cuda, "gpus": gpus},
+        "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "cpu": {"cores": os.cpu_count(), "bfloat16_arithmetic": cpu_computes_bfloat16()},
+        "chosen": {"device": chosen, "dtype": dtype, "quantize": settings.quantize},
+    }
+
+
+def _bitsandbytes(cuda: bool) -> dict[str, Any]:
+    version = _version("bitsandbytes")
+    if version is None:
+        return {"installed": False, "usable": False, "note": "pip install 'vlm-tools[quantize]' for --quantize"}
+    if not cuda:
+        return {"installed": version, "usable": False, "note": "--quantize needs a CUDA GPU"}
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # a broken native library surfaces as any kind of error
+        return {"installed": version, "usable": False, "note": f"import fails: {type(error).__name__}: {error}"}
+    return {"installed": version, "usable": True}
+
+
+def _hub() -> dict[str, Any]:
+    from huggingface_hub import constants, get_token
+
+    from .backends.hub import hub_reachable
+
+    return {
+        "endpoint": constants.ENDPOINT,
+        "offline_mode": constants.is_offline_mode(),
+        "reachable": hub_reachable(),
+        "cache": constants.HF_HUB_CACHE,
+        "token_set": get_token() is not None,
+    }
+
+
+def _models(settings: Settings, device: dict[str, Any]) -> list[dict[str, Any]]:
+    from huggingface_hub import get_token
+
+    from .backends.hub import hub_reachable, is_cached, local_files_only, looks_local
+    from .backends.sizing import parameter_count, weight_bytes
+
+    precision = settings.quantize if settings.quantize != "none" else device["chosen"]["dtype"]
+    models = []
+    for model in settings.model:
+        entry: dict[str, Any] = {"model": model}
+        if looks_local(model):
+            entry["source"] = "local directory"
+            entry["available"] = (Path(model).expanduser() / "config.json").is_file()
+        else:
+            entry["source"] = "hub"
+            entry["available"] = cached = is_cached(model)
+            entry["cached"] = cached
+            known = next((said for part, said in KNOWN_GATING.items() if part in model.lower()), None)
+            entry["gated"] = _gated(model) if hub_reachable() else known or "unknown (the hub cannot be asked)"
+            entry["token_set"] = get_token() is not None
+        count = parameter_count(model, local_files_only=local_files_only(model))
+        entry["parameters"] = count
+        if count and precision:
+            entry["weights_gb"] = round(weight_bytes(count, precision) / 1e9, 1)
+            entry["at"] = precision
+        models.append(entry)
+    return models
+
+
+def _gated(model: str) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        gated = HfApi().model_info(model, timeout=5).gated
+    except (HfHubHTTPError, OSError) as error:
+        return f"unknown ({type(error).__name__})"
+    return "no" if not gated else f"yes ({gated})"
+
+
+def _remote(settings: Settings) -> list[dict[str, Any]]:
+    from .backends.remote import probe
+    from .errors import ConfigurationError
+
+    servers = []
+    for url in settings.base_url:
+        try:
+            listed = probe(url, settings.resolved_api_key())
+            servers.append({"server": url, "reachable": True, "models": [
+                {"id": m["id"], "max_model_len": m.get("max_model_len")} for m in listed]})  # fmt: skip
+        except (ConnectionError, ConfigurationError) as error:
+            servers.append({"server": url, "reachable": False, "error": str(error)})
+    return servers
+
+
+def _chromium() -> dict[str, Any]:
+    path = os.environ.get("VLM_TOOLS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        return {"chromium": None, "note": "for examples/web_automation.py: apt-get install chromium"}
+    try:
+        shown = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as error:
+        shown = f"does not run: {error}"
+    return {"chromium": path, "version": shown}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as indented ``key: value`` lines, one section per top-level key."""
+    lines = [f"vlm-tools {report['vlm_tools']}"]
+    for section, value in report.items():
+        if section == "vlm_tools":
+            continue
+        lines.append(f"{section}:")
+        lines.extend(_lines(value, "  "))
+    return "\n".join(lines)
+
+
+def _lines(value: Any, indent: str) -> list[str]:
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                out.append(f"{indent}{key}:")
+                out.extend(_lines(item, indent + "  "))
+            else:
+                out.append(f"{indent}{key}: {_show(item)}")
+        return out
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            rows = _lines(item, indent + "  ")
+            out.append(f"{indent}- {rows[0].strip()}" if rows else f"{indent}-")
+            out.extend(rows[1:])
+        return out
+    return [f"{indent}{_show(value)}"]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "—"
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    if value == [] or value == {}:
+        return "none"
+    return str(value)
