@@ -60,6 +60,7 @@ class FakeOpenAI:
     requests: list[Recorded] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    completed: int = 0  # chat completions answered (whatever the status)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -161,6 +162,7 @@ class FakeOpenAI:
                 finally:
                     with fake._lock:
                         fake.in_flight -= 1
+                        fake.completed += 1
 
             def _answer(self, body: dict[str, Any]) -> None:
                 unexpected = sorted(fake.reject_fields & set(body))

@@ -27,6 +27,7 @@ class ScriptedBackend(Backend):
         name: str | None = None,
         delay_s: float = 0.0,
         max_batch_size: int = 8,
+        gate: threading.Event | None = None,
     ) -> None:
         fam = get_family(family)
         self.conventions = fam
@@ -37,6 +38,7 @@ class ScriptedBackend(Backend):
         self.max_batch_size = max_batch_size
         self.script = script
         self.delay_s = delay_s
+        self.gate = gate  # when given, every batch waits for it to open: the test says when the model answers
         self.batches: list[tuple[Task, int]] = []
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -45,6 +47,8 @@ class ScriptedBackend(Backend):
         with self._lock:
             self.batches.append((requests[0].task, len(requests)))
             self.requests.extend(requests)
+        if self.gate is not None:
+            self.gate.wait(timeout=60)
         if self.delay_s:
             time.sleep(self.delay_s)
         outcomes: list[Outcome] = []

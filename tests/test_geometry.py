@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import exif_maps
+from conftest_inputs import image_bytes
 from PIL import Image
 
-from conftest_inputs import image_bytes
 from vlm_tools import geometry as g
 from vlm_tools.images import decode_image
 from vlm_tools.results import Frame, ImageSize
@@ -144,13 +145,6 @@ def test_to_norm_rejects_empty_sizes(size: tuple[int, int]) -> None:
         g.to_norm(1, 1, *size)
 
 
-def test_page_points() -> None:
-    # A Letter page (612x792 pt) rendered with its long side at 2048 px.
-    rendered = (1582.5, 2048.0)
-    assert g.page_points(rendered[0] / 2, rendered[1] / 2, rendered, (612, 792)) == pytest.approx((306, 396))
-    assert g.page_points(0, 2048, rendered, (612, 792)) == pytest.approx((0, 792))
-
-
 # --- EXIF orientation --------------------------------------------------------------------------------------
 
 ORIENTATIONS = list(range(1, 9))
@@ -167,13 +161,13 @@ def test_exif_orientation_lossless_marker_pixel(orientation: int) -> None:
     stored = Image.new("RGB", (STORED_W, STORED_H), (0, 0, 0))
     stored.putpixel(MARKER, (255, 0, 0))
     shown = decode_image(image_bytes(stored, "TIFF", tiffinfo={274: orientation}), max_pixels=10_000)
-    assert shown.size == g.oriented_size(STORED_W, STORED_H, orientation)
+    assert shown.size == exif_maps.oriented_size(STORED_W, STORED_H, orientation)
     red = [(x, y) for y in range(shown.height) for x in range(shown.width) if shown.getpixel((x, y))[0] > 128]
     centre = (MARKER[0] + 0.5, MARKER[1] + 0.5)
-    dx, dy = g.stored_to_displayed(*centre, STORED_W, STORED_H, orientation)
+    dx, dy = exif_maps.stored_to_displayed(*centre, STORED_W, STORED_H, orientation)
     assert red == [(math.floor(dx), math.floor(dy))]
     assert (dx % 1, dy % 1) == (0.5, 0.5)  # the pixel centre maps to a pixel centre
-    assert g.displayed_to_stored(dx, dy, STORED_W, STORED_H, orientation) == centre
+    assert exif_maps.displayed_to_stored(dx, dy, STORED_W, STORED_H, orientation) == centre
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS, ids=[f"orientation-{o}" for o in ORIENTATIONS])
@@ -186,12 +180,12 @@ def test_exif_orientation_jpeg_marker_block(orientation: int) -> None:
     exif = Image.Exif()
     exif[274] = orientation
     shown = decode_image(image_bytes(stored, "JPEG", quality=95, exif=exif.tobytes()), max_pixels=10_000)
-    assert shown.size == g.oriented_size(w, h, orientation)
+    assert shown.size == exif_maps.oriented_size(w, h, orientation)
     red = [(x + 0.5, y + 0.5) for y in range(shown.height) for x in range(shown.width)
            if shown.getpixel((x, y))[0] > 128 and shown.getpixel((x, y))[1] < 100]  # fmt: skip
     assert 50 <= len(red) <= 80
     centroid = (sum(p[0] for p in red) / len(red), sum(p[1] for p in red) / len(red))
-    expected = g.stored_to_displayed(block[0] + 4, block[1] + 4, w, h, orientation)
+    expected = exif_maps.stored_to_displayed(block[0] + 4, block[1] + 4, w, h, orientation)
     assert centroid == pytest.approx(expected, abs=0.75)
 
 
@@ -202,18 +196,18 @@ SIZES_FOR_EXIF = [(40, 24), (24, 40), (1, 1), (20000, 1), (7, 3)]
 @pytest.mark.parametrize("size", SIZES_FOR_EXIF, ids=[f"{w}x{h}" for w, h in SIZES_FOR_EXIF])
 def test_orientation_round_trip(orientation: int, size: tuple[int, int]) -> None:
     w, h = size
-    dw, dh = g.oriented_size(w, h, orientation)
+    dw, dh = exif_maps.oriented_size(w, h, orientation)
     for fx, fy in [(0, 0), (1, 1), (0.25, 0.75), (0.5, 0.5), (1 / 3, 0.9)]:
         x, y = fx * w, fy * h
-        d = g.stored_to_displayed(x, y, w, h, orientation)
+        d = exif_maps.stored_to_displayed(x, y, w, h, orientation)
         assert 0 <= d[0] <= dw and 0 <= d[1] <= dh
-        back = g.displayed_to_stored(*d, w, h, orientation)
+        back = exif_maps.displayed_to_stored(*d, w, h, orientation)
         assert close(back[0], x) and close(back[1], y)
 
 
 @pytest.mark.parametrize("orientation", [0, 9, -1], ids=["zero", "nine", "negative"])
 def test_invalid_orientation(orientation: int) -> None:
     with pytest.raises(ValueError):
-        g.stored_to_displayed(0, 0, 10, 10, orientation)
+        exif_maps.stored_to_displayed(0, 0, 10, 10, orientation)
     with pytest.raises(ValueError):
-        g.oriented_size(10, 10, orientation)
+        exif_maps.oriented_size(10, 10, orientation)

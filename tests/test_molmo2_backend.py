@@ -111,27 +111,28 @@ def test_loads_as_molmo2_through_load_backend(backend, tiny_molmo2_dir: Path) ->
 
 
 @pytest.mark.parametrize(
-    "request_kwargs",
+    ("request_kwargs", "instruction"),
     [
-        {"task": Task.CAPTION, "detail": "brief"},
-        {"task": Task.CAPTION, "detail": "detailed"},
-        {"task": Task.ANSWER, "text": "What colour is the square?"},
-        {"task": Task.ANSWER, "text": "Wie viele Kreise?", "language": "de"},
-        {"task": Task.POINT, "text": "the red circle", "max_points": 3},
-        {"task": Task.OCR},
+        ({"task": Task.CAPTION, "detail": "brief"}, "Describe this image in one or two sentences."),
+        ({"task": Task.CAPTION, "detail": "detailed"}, "Describe this image in detail."),
+        ({"task": Task.ANSWER, "text": "What colour is the square?"}, "What colour is the square?"),
+        ({"task": Task.ANSWER, "text": "Wie viele Kreise?", "language": "de"}, "Wie viele Kreise? Answer in German."),
+        ({"task": Task.POINT, "text": "the red circle", "max_points": 3}, "Point to the red circle."),
+        ({"task": Task.OCR}, "Transcribe all the text in this image. Keep the reading order."),
     ],
     ids=["caption-brief", "caption-detailed", "answer", "answer-german", "point", "ocr"],
 )
-def test_every_supported_task_returns_a_typed_output(backend, request_kwargs: dict) -> None:
-    requests = [Request(image=noise(96, 64, seed), max_new_tokens=12, **request_kwargs) for seed in range(2)]
-    outcomes = backend.run_batch(requests)
-    assert len(outcomes) == 2
-    for outcome in outcomes:
-        assert isinstance(outcome, Output), outcome
-        assert isinstance(outcome.raw, str) and isinstance(outcome.text, str)
-        assert outcome.boxes == []
-        assert len(outcome.points) <= request_kwargs.get("max_points", 10)
-        assert all(isinstance(p, NormPoint) and 0 <= p.x <= 1 and 0 <= p.y <= 1 for p in outcome.points)
+def test_every_task_reaches_the_model_through_the_published_template(
+    backend, request_kwargs: dict, instruction: str
+) -> None:
+    """What the model reads: BOS (= <|im_end|>), the image hoisted to the front, then the one user turn."""
+    request = Request(image=noise(96, 64, 1), max_new_tokens=12, **request_kwargs)
+    inputs = backend.prepare_inputs([request], [backend.conventions.prompt(request)])
+    text = backend.processor.tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=False)
+    assert text.startswith("<|im_end|>") and "<im_patch>" in text
+    assert text.endswith(f"<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
+    (outcome,) = backend.run_batch([request])
+    assert isinstance(outcome, Output) and outcome.boxes == []
 
 
 def test_batch_of_mixed_image_sizes_equals_single_calls(backend) -> None:

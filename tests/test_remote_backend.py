@@ -253,15 +253,31 @@ def test_requests_spread_to_the_server_with_fewest_outstanding(fake: FakeOpenAI,
     assert fake.max_in_flight <= 3 and other.max_in_flight <= 3  # the per-server bound held
 
 
+class Clock:
+    """A clock the test moves: back-offs pass when it says so, not when the machine gets round to it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_a_downed_server_is_skipped_then_tried_again_after_its_back_off(fake: FakeOpenAI, other: FakeOpenAI) -> None:
     fake.script = [Reply(status=500), Reply(content=BOX_RAW)]
-    remote = backend(fake.url, other.url, backoff_s=(0.5, 0.5))
+    clock = Clock()
+    remote = backend(fake.url, other.url, backoff_s=(0.5, 0.5), clock=clock)
     try:
         for _ in range(4):
             assert run_one(remote) == Output(raw=BOX_RAW, boxes=[BOX])
         assert len(fake.chat_bodies) == 1  # the 500; skipped since
         assert len(other.chat_bodies) == 4
-        time.sleep(0.6)
+        clock.advance(0.49)
+        assert not remote.pool.snapshot()[0]["up"]  # still in its back-off
+        clock.advance(0.02)
         for _ in range(2):
             assert run_one(remote) == Output(raw=BOX_RAW, boxes=[BOX])
         assert len(fake.chat_bodies) == 2  # back in the rotation, and it answered
@@ -272,11 +288,14 @@ def test_a_downed_server_is_skipped_then_tried_again_after_its_back_off(fake: Fa
 
 def test_one_outage_counts_once_however_many_requests_it_fails(fake: FakeOpenAI, other: FakeOpenAI) -> None:
     fake.script = Reply(status=500, delay_s=0.2)  # several requests in flight when they all fail
-    remote = backend(fake.url, other.url, backoff_s=(0.5, 30.0))
+    clock = Clock()
+    remote = backend(fake.url, other.url, backoff_s=(0.5, 30.0), clock=clock)
     try:
         assert remote.run_batch([detect() for _ in range(6)]) == [Output(raw=BOX_RAW, boxes=[BOX])] * 6
         assert len(fake.chat_bodies) == 3 and len(other.chat_bodies) == 6
-        time.sleep(0.7)  # one outage: 0.5 s, not 0.5 × 2 × 2
+        clock.advance(0.49)
+        assert not remote.pool.snapshot()[0]["up"]
+        clock.advance(0.02)  # one outage: 0.5 s, not 0.5 × 2 × 2
         assert all(s["up"] for s in remote.pool.snapshot())
     finally:
         remote.close()
@@ -302,15 +321,21 @@ def test_cancelling_mid_flight_abandons_the_call(fake: FakeOpenAI) -> None:
     fake.script = Reply(content=BOX_RAW, delay_s=3.0)
     slow = detect()
     remote = backend(fake.url)
+
+    def cancel_once_sent() -> None:
+        deadline = time.monotonic() + 10
+        while fake.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        slow.cancel.set()
+
     try:
-        threading.Timer(0.2, slow.cancel.set).start()
-        started = time.monotonic()
+        threading.Thread(target=cancel_once_sent, daemon=True).start()
         (outcome,) = remote.run_batch([slow])
-        elapsed = time.monotonic() - started
+        answered_meanwhile = fake.completed
     finally:
         remote.close()
     assert isinstance(outcome, Cancelled)
-    assert elapsed < 1.5
+    assert answered_meanwhile == 0  # it returned without waiting for the server's answer
 
 
 # --- start-up ------------------------------------------------------------------------------------------------

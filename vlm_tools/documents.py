@@ -3,7 +3,7 @@
 PDFium is not thread-safe — not even across documents — and has had memory-safety bugs, so every PDFium call
 in the process goes through :data:`PDFIUM_LOCK`, pages are capped (``max_pages``) and renders are bounded
 (``long_side``). Each rendered page comes with its size in PDF points, so coordinates on the page image can be
-mapped back to the page (:func:`vlm_tools.geometry.page_points`).
+mapped back to the page (``x / image width × page width in points``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -99,6 +100,7 @@ class RemoteBackend(Backend):
         max_model_len: the servers' context length when they report it (vLLM's ``GET /models``): no request asks
             for more new tokens than that (vLLM refuses such a request outright; it fits the rest itself).
         transport: an httpx transport, for tests.
+        clock: what back-offs are counted in (tests pass one they can move).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class RemoteBackend(Backend):
         backoff_s: tuple[float, float] = (5.0, 30.0),
         max_model_len: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.conventions: Family = get_family(family)
         self.max_model_len = max_model_len
@@ -126,7 +129,7 @@ class RemoteBackend(Backend):
         self.parallelism = max(1, len(base_urls) * max(1, concurrency // max(1, max_batch_size)))
         self.pool = ServerPool(
             base_urls, api_key=api_key, concurrency=concurrency, timeout_s=timeout_s, backoff_s=backoff_s,
-            transport=transport,
+            transport=transport, clock=clock,
         )  # fmt: skip
 
     @classmethod

@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,7 @@ class ServerPool:
         timeout_s: time limit of one HTTP request (connecting is capped at 10 s).
         backoff_s: (first, longest) seconds a failing server is left alone.
         transport: an httpx transport, for tests.
+        clock: the time back-offs are counted in (``time.monotonic``; tests pass one they can move).
     """
 
     def __init__(
@@ -134,12 +135,14 @@ class ServerPool:
         timeout_s: float = 120.0,
         backoff_s: tuple[float, float] = (5.0, 30.0),
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not urls:
             raise ValueError("a server pool needs at least one base URL")
         self.servers = [Server(url.rstrip("/"), concurrency) for url in urls]
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
+        self._clock = clock
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._picks = 0
         self._loop = asyncio.new_event_loop()
@@ -185,7 +188,7 @@ class ServerPool:
         """Per-server state (for logs, metrics and tests): url, up, outstanding, completed."""
 
         async def read() -> list[dict[str, Any]]:
-            now = time.monotonic()
+            now = self._clock()
             return [
                 {"url": s.url, "up": s.is_up(now), "outstanding": s.outstanding, "completed": s.completed}
                 for s in self.servers
@@ -198,7 +201,7 @@ class ServerPool:
     def _pick(self, tried: set[Server]) -> Server | None:
         """The untried server that is up with the fewest outstanding requests; else the untried down server
         whose back-off ends first; else ``None``."""
-        now = time.monotonic()
+        now = self._clock()
         untried = [s for s in self.servers if s not in tried]
         up = [s for s in untried if s.is_up(now)]
         if up:
@@ -214,7 +217,7 @@ class ServerPool:
     def _mark_down(self, server: Server, reason: str, *, brief: bool = False) -> None:
         """Leave ``server`` alone for a back-off that doubles with each outage (not with each failed request:
         the requests in flight when a server dies all fail at once, and count as one outage)."""
-        now = time.monotonic()
+        now = self._clock()
         if not server.is_up(now):
             return
         server.failures = 1 if brief else server.failures + 1

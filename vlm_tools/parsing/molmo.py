@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 from ..geometry import NormPoint, from_scale
-from .text import find_elements, replace_elements, require_str, stated_total, strip_chat_specials
+from .text import find_elements, replace_elements, require_str, strip_chat_specials
 
 PERCENT_SCALE = 100
 """Molmo writes coordinates as percent of the image's width and height."""
@@ -49,11 +49,6 @@ def parse_points(raw: str) -> list[NormPoint]:
             if x is not None and y is not None:
                 points.append(NormPoint(x, y, label))
     return points
-
-
-def parse_count(raw: str) -> int | None:
-    """The total a counting answer states (``"… shows a total of 3."`` → 3), or ``None`` if it states none."""
-    return stated_total(clean_text(raw))
 
 
 def clean_text(raw: str) -> str:

@@ -1,4 +1,4 @@
-"""Molmo2 output: ``<points coords=…>`` on a 0–1000 scale, counts, and the prose around them.
+"""Molmo2 output: ``<points coords=…>`` on a 0–1000 scale, and the prose around them.
 
 The format (REFERENCE.md and the parsing code on the Molmo2 model card; transformers 5.23 ships no parser)::
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 
 from ..geometry import NormPoint, from_scale
-from .text import find_elements, replace_elements, require_str, stated_total, strip_chat_specials
+from .text import find_elements, replace_elements, require_str, strip_chat_specials
 
 COORD_SCALE = 1000
 """Molmo2 writes coordinates on 0..1000 of the image's width and height."""
@@ -67,11 +67,6 @@ def parse_points(raw: str, image_index: int | None = 1) -> list[NormPoint]:
         for x, y in _coords_points(coords, image_index, complete):
             points.append(NormPoint(x, y, label))
     return points
-
-
-def parse_count(raw: str) -> int | None:
-    """The total a counting answer states (``"… shows a total of 3."`` → 3), or ``None`` if it states none."""
-    return stated_total(clean_text(raw))
 
 
 def clean_text(raw: str) -> str:

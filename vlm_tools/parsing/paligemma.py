@@ -105,7 +105,11 @@ def strip_special(raw: str, prompt: str | None = None) -> str:
     anything after ``<eos>``, and surrounding whitespace. Line breaks inside the text are kept (OCR layout).
     """
     text = _generated_part(require_str(raw))
-    text = _SPECIAL.sub("", _LOC_OR_SEG.sub("", text))
+    while True:  # removing one token can join the pieces of another ("<lo<loc0001>c0002>")
+        cleaned = _SPECIAL.sub("", _LOC_OR_SEG.sub("", text))
+        if cleaned == text:
+            break
+        text = cleaned
     if prompt:
         stripped = text.lstrip()
         if stripped.startswith(prompt + "\n"):

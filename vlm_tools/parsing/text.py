@@ -1,4 +1,4 @@
-"""Shared text helpers for the family parsers: XML-ish point markup, special tokens, stated counts.
+"""Shared text helpers for the family parsers: XML-ish point markup and special tokens.
 
 Everything here is lenient with model output: any ``str`` goes in, nothing raises, and a truncated or
 malformed element yields only what was complete. Non-``str`` input is a programming error (``TypeError``).
@@ -173,19 +173,3 @@ def strip_chat_specials(raw: str) -> str:
     raw = _CHAT_SPECIAL.sub("", raw)
     raw = _MOLMO2_IMAGE_TOKENS.sub("", raw)
     return raw.strip()
-
-
-_TOTAL = re.compile(r"\b(?:a\s+)?total\s+(?:count\s+)?(?:of|is|=|:)\s*(\d{1,9})\b", re.IGNORECASE)
-_BARE_NUMBER = re.compile(r"\A\s*(\d{1,9})\s*\.?\s*\Z")
-
-
-def stated_total(text: str) -> int | None:
-    """The total a counting answer states (``"... shows a total of 3."`` → 3), else ``None``.
-
-    A bare number as the whole answer (``"3"``) counts too. Only what the model wrote is read: no count is
-    inferred from the number of points here.
-    """
-    m = _TOTAL.search(text)
-    if m is None:
-        m = _BARE_NUMBER.match(text)
-    return int(m.group(1)) if m is not None else None
