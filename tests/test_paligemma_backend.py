@@ -127,15 +127,22 @@ def test_batched_raw_text_equals_unbatched(backend: PaliGemmaBackend, task: Task
     assert len({o.raw for o in alone}) > 1
 
 
-def test_right_padding_would_be_caught(backend: PaliGemmaBackend) -> None:
+def test_right_padding_would_be_caught(backend: PaliGemmaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """The equality check above detects a padding mistake (guards against a model too dull to tell)."""
+    import torch
+
+    from vlm_tools.backends import paligemma_local
+
+    def right_padded(rows, pad_id):  # the mistake: padding after the prompt, where generation continues
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([list(row) + [pad_id] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        return ids, mask
+
     requests = [request(Task.ANSWER, seed=i, text="why " * n + "?") for i, n in enumerate((1, 9, 3, 14))]
     alone = [backend.run_batch([r])[0].raw for r in requests]
-    backend.tokenizer.padding_side = "right"
-    try:
-        wrong = [o.raw for o in backend.run_batch(requests)]
-    finally:
-        backend.tokenizer.padding_side = "left"
+    monkeypatch.setattr(paligemma_local, "left_padded", right_padded)
+    wrong = [o.raw for o in backend.run_batch(requests)]
     assert wrong != alone
 
 

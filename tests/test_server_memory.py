@@ -17,6 +17,7 @@ from PIL import Image
 from vlm_tools.backends.base import Request, Task
 from vlm_tools.server import VisionServer, build_server
 
+from fakes import eventually
 from helpers import data_uri, loader, png_bytes, settings_for, static_site
 from scripted import ScriptedBackend, molmo2_script, paligemma_script
 
@@ -292,6 +293,87 @@ async def test_read_document_stops_between_pages_when_cancelled(tmp_path: Path) 
         assert len(slow.batches) == after
         ok = await c.call_tool("describe_image", {"image": str(path.with_suffix(".png"))})
         assert ok.is_error and _code(ok) == "path_not_allowed"  # missing file; server still answers
+
+
+async def test_read_document_pages_are_read_together(tmp_path: Path) -> None:
+    """The pages of one call wait for the model together, so they share batches instead of going one by one."""
+    import threading
+
+    gate = threading.Event()
+    model = ScriptedBackend("molmo2", molmo2_script, gate=gate)
+    path = tmp_path / "doc.pdf"
+    path.write_bytes(_pdf(4, (100, 100)))
+    server = build_server(settings_for(tmp_path), load_backends=loader(model))
+    async with Client(server) as client, anyio.create_task_group() as group:
+        results: list[object] = []
+
+        async def read() -> None:
+            results.append(await client.call_tool("read_document", {"document": str(path)}))
+
+        group.start_soon(read)
+        # Page 1 is with the model (held at the gate); pages 2-4 are rendered and waiting, all three at once.
+        await eventually(lambda: server.runtime is not None and server.runtime.engine.queue_depth == 3, 10,
+                         "the other pages to wait together")  # fmt: skip
+        gate.set()
+    assert not results[0].is_error, _error_text(results[0])  # type: ignore[attr-defined]
+    assert [p["page"] for p in results[0].structured_content["pages"]] == [1, 2, 3, 4]  # type: ignore[attr-defined]
+    assert model.batches == [(Task.OCR, 1), (Task.OCR, 3)]
+
+
+async def test_read_document_reports_pages_in_order_when_they_finish_out_of_order(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    finished: list[str] = []
+    first_started = threading.Event()
+
+    def first_page_slowest(request: Request) -> str:
+        if not first_started.is_set():
+            first_started.set()
+            time.sleep(0.6)
+        finished.append(request.image_id or "")
+        return molmo2_script(request)
+
+    model = ScriptedBackend("molmo2", first_page_slowest, max_batch_size=1)
+    model.parallelism = 2  # two workers, as for a remote server: the later pages overtake the first
+    path = tmp_path / "doc.pdf"
+    path.write_bytes(_pdf(4, (100, 100)))
+    server = build_server(settings_for(tmp_path), load_backends=loader(model))
+    progress: list[tuple[float, str | None]] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append((done, message))
+
+    async with Client(server) as client:
+        result = await client.call_tool("read_document", {"document": str(path)}, progress_callback=on_progress)
+    assert not result.is_error, _error_text(result)
+    pages = result.structured_content["pages"]
+    assert finished[0] != pages[0]["image_id"] and finished[-1] == pages[0]["image_id"]  # page 1 finished last
+    assert progress == [(n, f"read page {n} of 4") for n in (1, 2, 3, 4)]
+
+
+async def test_read_document_fails_at_its_first_failing_page_and_the_server_serves_on(
+    tmp_path: Path, image_file: Path
+) -> None:
+    calls: list[int] = []
+
+    def second_page_breaks(request: Request) -> str:
+        calls.append(1)
+        if request.task is Task.OCR and len(calls) == 2:
+            raise RuntimeError("the model broke")
+        return molmo2_script(request)
+
+    model = ScriptedBackend("molmo2", second_page_breaks, max_batch_size=1)
+    path = tmp_path / "doc.pdf"
+    path.write_bytes(_pdf(30, (100, 100)))
+    server = build_server(settings_for(tmp_path), load_backends=loader(model))
+    async with Client(server) as client:
+        result = await client.call_tool("read_document", {"document": str(path)})
+        assert _code(result) == "model_error"
+        read = len(calls)
+        ok = await client.call_tool("describe_image", {"image": str(image_file)})
+    assert not ok.is_error
+    assert read < 30  # the pages after the failure were not all read
 
 
 # --- errors --------------------------------------------------------------------------------------------------

@@ -278,10 +278,20 @@ class Engine:
                 )
             job = _Job(request, tool, lane, loop, loop.create_future(), now, now + self.request_timeout_s)
             lane.queue.append(job)
+            self._prefetch(backend, request)
             self.metrics.set_queue_depth(backend.name, len(lane.queue))
             # Every worker: one gathering a batch that this request fills must stop waiting now, whichever wakes.
             lane.cond.notify_all()
         return job
+
+    @staticmethod
+    def _prefetch(backend: Backend, request: Request) -> None:
+        """Let the backend start on the request's image while it waits (a failure here only loses the head start:
+        the batch does the work itself)."""
+        try:
+            backend.prefetch(request)
+        except Exception:
+            logger.exception("prefetch of model %s failed", backend.name)
 
     def _withdraw(self, job: _Job) -> None:
         """The caller left: stop the row if it runs, and take the request out of the queue if it waits."""
@@ -506,6 +516,16 @@ class Engine:
                 }
         ok = self._accepting and all(model["alive"] for model in models.values())
         return {"ok": ok, "accepting": self._accepting, "models": models}
+
+    def capacity(self, backend: Backend) -> int:
+        """How many of one caller's requests to keep in flight on ``backend`` (a document's pages).
+
+        Two full batches per worker: one generating while the next waits with its images already encoded
+        (:meth:`Backend.prefetch`). At most half the queue, so one caller's pages never crowd others into
+        ``busy``.
+        """
+        lane = self._lanes[id(backend)]
+        return max(1, min(2 * lane.batch_limit * max(1, backend.parallelism), self.queue_size // 2))
 
     @property
     def queue_depth(self) -> int:

@@ -97,6 +97,8 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
     async def lifespan(_server: MCPServer) -> AsyncIterator[Runtime]:
         backends = list(await anyio.to_thread.run_sync(loader, settings))
         store = ImageStore(settings.image_store_count, settings.image_store_bytes)
+        for backend in backends:
+            store.on_evict(backend.forget_image)  # what a model made of an image goes with the image
         sources = ImageSources(settings, store)
         engine = Engine.from_settings(backends, settings, metrics=metrics)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -34,6 +34,9 @@ from .results import (
 )
 from .router import TOOL_TASKS, Router
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .pages import Pages, RenderedPage
 
 Progress = Callable[[int, int, str], Awaitable[None]]
 """``progress(done, total, message)``: called after each page of a document."""
@@ -118,21 +121,61 @@ class VisionService:
         runtime = self.runtime
         backend = runtime.router.backend_for("read_document")
         source = await runtime.sources.load_bytes(document, scope)
-        results: list[DocumentPage] = []
         async with open_pages(source, pages, runtime.settings, runtime.store, scope) as doc:
-            total = len(doc.selected)
-            for number in doc.selected:
-                # Cancellation lands at these awaits: a cancelled call renders and reads no further page.
-                page = await doc.render(number)
-                request = Request(Task.OCR, page.stored.image, max_new_tokens=runtime.max_new_tokens(Task.OCR))
-                output = await runtime.engine.submit(backend, request, tool="read_document")
-                results.append(DocumentPage(
-                    page=number, image_id=page.stored.image_id, image_size=page.stored.size,
-                    page_size_pt=page.page_size, text=output.text, raw=output.raw,
-                ))  # fmt: skip
-                await progress(len(results), total, f"read page {number} of {doc.page_count}")
+            results = await self._read_pages(doc, backend, progress)
             page_count = doc.page_count
         return DocumentResult(pages=results, page_count=page_count, model=backend.name)
+
+    async def _read_pages(self, doc: Pages, backend: Backend, progress: Progress) -> list[DocumentPage]:
+        """Read the selected pages together, so they batch with each other and with other callers.
+
+        Up to the engine's capacity for the model is in flight at once; the next page renders while earlier
+        ones are read. Progress reports pages in order, however they finish. The first failure stops the
+        rest and is raised; cancelling the call cancels every page still rendering or waiting.
+        """
+        runtime = self.runtime
+        selected, total = doc.selected, len(doc.selected)
+        read: dict[int, DocumentPage] = {}
+        failures: list[Exception] = []
+        in_flight = anyio.Semaphore(runtime.engine.capacity(backend))
+        reporting = anyio.Lock()
+        reported = 0
+
+        async def read_page(index: int, page: RenderedPage) -> None:
+            nonlocal reported
+            request = Request(Task.OCR, page.stored.image, max_new_tokens=runtime.max_new_tokens(Task.OCR),
+                              image_id=page.stored.image_id)  # fmt: skip
+            try:
+                output = await runtime.engine.submit(backend, request, tool="read_document")
+            except Exception as error:  # noqa: BLE001 — raised after the group, as the call's error
+                failures.append(error)
+                group.cancel_scope.cancel()
+                return
+            finally:
+                in_flight.release()
+            read[index] = DocumentPage(
+                page=page.number, image_id=page.stored.image_id, image_size=page.stored.size,
+                page_size_pt=page.page_size, text=output.text, raw=output.raw,
+            )  # fmt: skip
+            async with reporting:
+                while reported < total and reported in read:
+                    reported += 1
+                    await progress(reported, total, f"read page {selected[reported - 1]} of {doc.page_count}")
+
+        async with anyio.create_task_group() as group:
+            for index, number in enumerate(selected):
+                await in_flight.acquire()
+                try:
+                    page = await doc.render(number)
+                except Exception as error:  # noqa: BLE001 — a page that cannot render fails the call
+                    in_flight.release()
+                    failures.append(error)
+                    group.cancel_scope.cancel()
+                    break
+                group.start_soon(read_page, index, page)
+        if failures:
+            raise failures[0]
+        return [read[index] for index in range(total)]
 
     # --- the spine ----------------------------------------------------------------------------------------
 
@@ -143,7 +186,7 @@ class VisionService:
         stored = await runtime.sources.load_image(image, scope)
         task = TOOL_TASKS[tool]
         limit = runtime.max_new_tokens(task, fields.get("detail", "brief"))
-        request = Request(task, stored.image, max_new_tokens=limit, **fields)
+        request = Request(task, stored.image, max_new_tokens=limit, image_id=stored.image_id, **fields)
         output = await runtime.engine.submit(backend, request, tool=tool)
         return Answer(stored, output, backend.name)
 

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..geometry import NormBox, NormPoint, PointSource
 
@@ -61,6 +61,7 @@ class Request:
 
     task: Task
     image: Image.Image
+    """RGB, as the images layer decodes every image."""
     text: str = ""
     labels: tuple[str, ...] = ()
     detail: Detail = "brief"
@@ -68,6 +69,10 @@ class Request:
     max_points: int = 10
     max_new_tokens: int = 128
     cancel: threading.Event = field(default_factory=threading.Event)
+    image_id: str | None = None
+    """The image's handle in the image store, when it has one: a model may reuse what it made of that image."""
+    ahead: Any = None
+    """What the backend started on this request ahead of its batch (its image being encoded), if anything."""
 
 
 @dataclass
@@ -120,3 +125,9 @@ class Backend(ABC):
 
     def free_memory(self) -> None:  # noqa: B027 - optional hook
         """Give cached device memory back after an out-of-memory error."""
+
+    def forget_image(self, image_id: str) -> None:  # noqa: B027 - optional hook
+        """Drop whatever the backend keeps of an image that left the image store."""
+
+    def prefetch(self, request: Request) -> None:  # noqa: B027 - optional hook
+        """Start work on ``request`` that can run before its batch (the engine calls it on admission)."""

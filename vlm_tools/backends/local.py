@@ -4,16 +4,21 @@ One ``run_batch`` call reads top-down:
 
 1. each request's prompt from its family (:mod:`vlm_tools.backends.families`); a request that was cancelled before
    the start, or whose prompt cannot be built, fails alone in its slot;
-2. :meth:`LocalBackend.prepare_inputs` — the family's processor call, left-padded, on the device (a hook);
+2. :meth:`LocalBackend.model_inputs` — the left-padded batch, with each image's encoding (the family's processor
+   and vision encoder) taken from what was made of that image before when there is one (:meth:`image_encodings`);
 3. one greedy ``generate`` for the live rows (:func:`~vlm_tools.backends.generation.generate_rows`);
-4. :meth:`LocalBackend.decode` of each row's new tokens (a hook), then the family's parser.
+4. each row's new tokens decoded and read by the family's parser.
 
-A family's file (``paligemma_local.py``, ``molmo2_local.py``) holds only the two hooks and what differs in loading.
-Imported only when a local model loads (torch and transformers load with it).
+Images are encoded ahead of their batch: :meth:`LocalBackend.prefetch` (the engine calls it when a request is
+admitted) encodes a request's image on a thread of its own, so the processor's CPU work and the vision encoder of
+the next batch run while the current batch generates. A family's file (``paligemma_local.py``,
+``molmo2_local.py``) holds only what differs: its processor call (:meth:`prepare_inputs`, the reference path), how
+it encodes images and lays a prompt out around an encoding. Imported only when a local model loads.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -22,17 +27,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import Cancelled, ModelError, VlmToolsError
 from . import generation, placement
 from .base import Backend, Outcome, Request
+from .encodings import EncodingCache
 from .families import get_family
 from .hub import model_unavailable
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ENCODING_CACHE_BYTES = 512_000_000
+
 
 class LocalBackend(Backend):
-    """A resident model of one family; subclasses set :attr:`family` and fill in the two hooks.
+    """A resident model of one family; subclasses set :attr:`family` and fill in the hooks.
 
     Args:
         name: what results report as ``model`` (the hub id or directory it was loaded from).
@@ -40,12 +50,16 @@ class LocalBackend(Backend):
         processor: its processor; the tokenizer pads on the left, where generation continues every row.
         device: where the model runs.
         max_batch_size: most requests in one ``generate``.
+        encoding_cache_bytes: most bytes of image encodings kept for reuse (device memory).
     """
 
     attention: ClassVar[str | dict[str, str]] = "sdpa"
     """The attention kernel to load with: the fastest exact one the family's transformers classes support."""
 
-    def __init__(self, name: str, model: Any, processor: Any, *, device: str, max_batch_size: int = 8) -> None:
+    def __init__(
+        self, name: str, model: Any, processor: Any, *, device: str, max_batch_size: int = 8,
+        encoding_cache_bytes: int = DEFAULT_ENCODING_CACHE_BYTES,
+    ) -> None:  # fmt: skip
         self.name = name
         self.conventions = get_family(self.family)
         self.native = self.conventions.native
@@ -59,6 +73,8 @@ class LocalBackend(Backend):
         self.eos_token_ids = generation.stop_token_ids(model, self.tokenizer)
         self.pad_token_id = generation.pad_token_id(model, self.tokenizer, self.eos_token_ids)
         model.generation_config = generation.neutral_generation_config(model, self.eos_token_ids, self.pad_token_id)
+        self.encodings = EncodingCache(encoding_cache_bytes)
+        self._prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-prefetch")
 
     @classmethod
     def load(cls, model: str, settings: Settings, *, local_files_only: bool = False) -> LocalBackend:
@@ -79,7 +95,10 @@ class LocalBackend(Backend):
         network.eval()
         log.info("loaded %s (%s) on %s: %s", model, cls.family, place.describe(),
                  placement.memory_taken(network, place.device))  # fmt: skip
-        return cls(model, network, processor, device=place.device, max_batch_size=settings.max_batch_size)
+        return cls(
+            model, network, processor, device=place.device, max_batch_size=settings.max_batch_size,
+            encoding_cache_bytes=settings.encoding_cache_bytes,
+        )  # fmt: skip
 
     # --- running ------------------------------------------------------------------------------------------
 
@@ -100,7 +119,7 @@ class LocalBackend(Backend):
             live.append(index)
         if live:
             batch = [requests[i] for i in live]
-            inputs = self.prepare_inputs(batch, prompts)
+            inputs = self.model_inputs(batch, prompts)
             rows = generation.generate_rows(
                 self.model, inputs, batch, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id
             )
@@ -110,7 +129,18 @@ class LocalBackend(Backend):
 
     @abstractmethod
     def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-        """The left-padded model inputs of a batch, on the device (the family's processor call)."""
+        """The left-padded model inputs of a batch from the family's processor alone (pixels included, nothing
+        reused): the reference :meth:`model_inputs` must equal, and what training feeds the model."""
+
+    @abstractmethod
+    def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """The left-padded model inputs of a batch, on the device, each image's encoding reused or made
+        (:meth:`image_encodings`); ``generate`` gives every row what :meth:`prepare_inputs` would."""
+
+    @abstractmethod
+    def encode_images(self, images: Sequence[Image.Image]) -> list[Any]:
+        """What the model makes of each image (one processor call and one vision-encoder pass for them all); each
+        encoding has ``nbytes``."""
 
     def decode(self, tokens: Sequence[int]) -> str:
         """One row's new tokens as text. Special tokens are dropped: the families' geometry is in ordinary tokens
@@ -127,17 +157,66 @@ class LocalBackend(Backend):
             log.exception("interpreting the output of %s failed", self.name)
             return ModelError(f"could not read the model's answer ({type(error).__name__}); raw output: {raw[:200]!r}")
 
+    # --- image encodings: reused, or made ahead of the batch ----------------------------------------------
+
+    def prefetch(self, request: Request) -> None:
+        """Start encoding ``request``'s image on the prefetch thread, unless it is known already."""
+        if request.image_id in self.encodings:
+            return
+        request.ahead = self._prefetcher.submit(self._encode_one, request)
+
+    def image_encodings(self, requests: Sequence[Request]) -> list[Any]:
+        """Each request's image encoding: kept from before, made ahead of the batch, or made now (the rest
+        together, in one pass)."""
+        found: list[Any] = [self.encodings.get(r.image_id) for r in requests]
+        for index, request in enumerate(requests):
+            ahead, request.ahead = request.ahead, None
+            if found[index] is None and ahead is not None and not ahead.cancel():
+                found[index] = ahead.result()  # started (or done) already: wait for it rather than redo it
+        missing = [i for i, encoding in enumerate(found) if encoding is None]
+        if missing:
+            for index, encoding in zip(missing, self.encode_images([requests[i].image for i in missing]), strict=True):
+                found[index] = encoding
+                self.encodings.put(requests[index].image_id, encoding, encoding.nbytes)
+        return found
+
+    def _encode_one(self, request: Request) -> Any:
+        (encoding,) = self.encode_images([request.image])
+        self.encodings.put(request.image_id, encoding, encoding.nbytes)
+        return encoding
+
     # --- resources ----------------------------------------------------------------------------------------
+
+    def forget_image(self, image_id: str) -> None:
+        """Drop the encoding of an image that left the image store."""
+        self.encodings.forget(image_id)
 
     def is_oom(self, error: BaseException) -> bool:
         """Whether ``error`` is a device out-of-memory error (the engine then splits the batch)."""
         return placement.is_oom(error)
 
     def free_memory(self) -> None:
-        """Give cached device memory back."""
+        """Give cached device memory back (kept encodings first)."""
+        self.encodings.clear()
         placement.free_memory()
 
     def close(self) -> None:
         """Drop the model and free its memory."""
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.model = None
+        self.encodings.clear()
         placement.free_memory()
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
+    """``input_ids`` and ``attention_mask`` of token rows, padded on the left to the longest."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[index, width - len(row) :] = 1
+    return ids, mask

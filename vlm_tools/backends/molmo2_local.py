@@ -3,26 +3,49 @@
 A batch runs as ONE ``generate`` call, whatever the sizes and aspect ratios of its images. That works because of
 how transformers 5 lays Molmo2 inputs out:
 
-* ``pixel_values`` are the crops of all images concatenated (``[total_crops, patches, pixels]``), with
-  ``image_token_pooling`` indices already offset per image and ``image_grids`` / ``image_num_crops`` one row per
-  image — there is no per-row image tensor that would need equal shapes;
-* the model splits the pooled features per image and scatters them, in order, onto the ``<im_patch>`` tokens of
-  ``input_ids``, so rows may hold different numbers of image tokens;
+* an image's crops (overlapping 378 px crops plus a low-resolution view on the hub) become one run of image tokens
+  (``<low_res_im_start> <im_patch>… <im_end> <im_start> <im_patch>… <im_end>``, from its ``image_grids``); the
+  vision encoder's pooled features are added, in order, onto its ``<im_patch>`` tokens, so rows may hold different
+  numbers of image tokens;
 * the image tokens of a row attend to each other bidirectionally through ``mm_token_type_ids`` (padding is type
   0, so left padding changes nothing), and ``generate`` derives position ids from the attention mask.
 
-So the prompts are rendered with the checkpoint's own chat template (the image hoisted to the front as
-``<|image|>``, no system turn; the processor puts BOS in front) for the whole batch and left-padded; greedy
-decoding then gives every row the tokens it would get alone (the tests check exactly that).
+The prompt is the checkpoint's own chat template (the image hoisted to the front as ``<|image|>``, no system turn)
+after BOS (= ``<|im_end|>``, which the processor puts in front). :meth:`Molmo2Backend.model_inputs` lays it out
+around an image's encoding — its token ids and pooled features, reused for an image seen before — and gives
+``generate`` the features ready-made (``mm_encoder_outputs``); :meth:`Molmo2Backend.prepare_inputs` is the
+processor's own layout, which the tests hold it to, token for token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .base import Request
-from .local import LocalBackend
+from .local import LocalBackend, left_padded
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+IMAGE_PLACEHOLDER = "<|image|>"
+
+
+@dataclass(frozen=True)
+class Molmo2Image:
+    """What Molmo2 makes of one image: the ids of its image tokens and the pooled features added onto them."""
+
+    token_ids: list[int]
+    features: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory it takes."""
+        return self.features.numel() * self.features.element_size() + 8 * len(self.token_ids)
 
 
 class Molmo2Backend(LocalBackend):
@@ -32,17 +55,55 @@ class Molmo2Backend(LocalBackend):
     attention = "sdpa"  # exact; flash attention would drop the bidirectional mask over image tokens
 
     def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-        """The left-padded model inputs for a batch: chat template, image crops and token bookkeeping."""
-        conversations = [
-            [{"role": "user", "content": [{"type": "image", "image": request.image}, {"type": "text", "text": prompt}]}]
-            for request, prompt in zip(requests, prompts, strict=True)
-        ]
+        """The processor's layout of a batch: chat template, image crops and token bookkeeping, left-padded."""
         inputs = self.processor.apply_chat_template(
-            conversations,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            add_generation_prompt=True,
+            [self._conversation(request.image, prompt) for request, prompt in zip(requests, prompts, strict=True)],
+            tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True,
             processor_kwargs={"padding": True, "padding_side": "left"},
-        )
+        )  # fmt: skip
         return inputs.to(self.device)
+
+    def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """BOS, each image's tokens and the templated turn per row, left-padded; the features ready-made."""
+        images: list[Molmo2Image] = self.image_encodings(requests)
+        bos = self.tokenizer.convert_tokens_to_ids(self.tokenizer.bos_token or self.tokenizer.eos_token)
+        rows = [[bos, *image.token_ids, *self._turn_ids(prompt)] for image, prompt in zip(images, prompts, strict=True)]
+        input_ids, attention_mask = left_padded(rows, self.pad_token_id)
+        types = torch.tensor(self.processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.long)
+        features = BaseModelOutputWithPooling(pooler_output=tuple(image.features for image in images))
+        return {
+            "input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+            "mm_token_type_ids": types.to(self.device), "mm_encoder_outputs": {"image": features},
+        }  # fmt: skip
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[Molmo2Image]:
+        """One image-processor call and one vision-encoder pass for all ``images``."""
+        processed = self.processor.image_processor(images=list(images), return_tensors="pt")
+        grids = processed["image_grids"]
+        with torch.inference_mode():
+            encoded = self.model.get_image_features(
+                processed["pixel_values"].to(self.device), processed["image_token_pooling"].to(self.device),
+                grids.to(self.device),
+            )  # fmt: skip
+        return [
+            Molmo2Image(self._image_token_ids(grid), features)
+            for grid, features in zip(grids.tolist(), encoded.pooler_output, strict=True)
+        ]
+
+    def _image_token_ids(self, grid: list[int]) -> list[int]:
+        """The token ids the processor writes for an image with this grid (low-resolution view, then crops)."""
+        text = self.processor.replace_image_token({"image_grids": [grid]}, image_idx=0)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _turn_ids(self, prompt: str) -> list[int]:
+        """The chat template's user turn and generation prompt, after the image placeholder it puts first."""
+        text = self.processor.apply_chat_template(
+            [self._conversation(None, prompt)], tokenize=False, add_generation_prompt=True
+        )[0]
+        if not text.startswith(IMAGE_PLACEHOLDER):
+            raise RuntimeError(f"the chat template does not put the image first: {text[:80]!r}")
+        return self.tokenizer(text[len(IMAGE_PLACEHOLDER) :], add_special_tokens=False)["input_ids"]
+
+    @staticmethod
+    def _conversation(image: Any, prompt: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]

@@ -1,23 +1,45 @@
-"""PaliGemma 2 resident in this process: one processor call and one greedy ``generate`` per batch.
+"""PaliGemma 2 resident in this process: one greedy ``generate`` per batch.
 
 How transformers 5's ``PaliGemmaProcessor`` lays a prompt out (read from its source): for each text that contains
 ``<image>`` it puts ``<bos>`` right after the *last* ``<image>`` and appends ``"\\n"``, then expands each
-``<image>`` to ``image_seq_length`` image tokens. Prompts without ``<image>`` also work but log a warning on every
-call, so this backend writes the ``<image>`` itself. The processor always returns ``token_type_ids`` (all 0 for a
-prompt: the whole prompt is the bidirectional prefix; ``generate`` marks new tokens 1) and, for training, a
-``labels`` tensor that must not reach ``generate``. ``generate`` derives position ids from the attention mask, so
-a left-padded row sees the same positions as it would alone.
+``<image>`` to ``image_seq_length`` image tokens. It always returns ``token_type_ids`` (all 0 for a prompt: the
+whole prompt is the bidirectional prefix; ``generate`` marks new tokens 1) and, for training, a ``labels`` tensor
+that must not reach ``generate``. ``generate`` derives position ids from the attention mask, so a left-padded row
+sees the same positions as it would alone.
+
+:meth:`PaliGemmaBackend.model_inputs` writes that layout itself around each image's projected SigLIP features
+(reused for an image seen before) and gives ``generate`` the features ready-made (``mm_encoder_outputs``);
+:meth:`PaliGemmaBackend.prepare_inputs` is the processor's own call, which the tests hold it to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .base import Request
-from .local import LocalBackend
+from .local import LocalBackend, left_padded
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class PaliGemmaImage:
+    """What PaliGemma makes of one image: its projected SigLIP features, one per image token."""
+
+    features: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory it takes."""
+        return self.features.numel() * self.features.element_size()
 
 
 class PaliGemmaBackend(LocalBackend):
@@ -29,7 +51,7 @@ class PaliGemmaBackend(LocalBackend):
     attention: ClassVar[str | dict[str, str]] = {"text_config": "eager", "vision_config": "sdpa"}
 
     def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-        """The left-padded batch: ``<image>`` + prompt per row, squashed square images, no training labels."""
+        """The processor's batch: ``<image>`` + prompt per row, squashed square images, no training labels."""
         inputs = self.processor(
             text=[IMAGE_TOKEN + prompt for prompt in prompts], images=[r.image for r in requests],
             return_tensors="pt", padding="longest",
@@ -38,3 +60,22 @@ class PaliGemmaBackend(LocalBackend):
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
+
+    def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """``<image>``×N ``<bos>`` prompt ``"\\n"`` per row, left-padded; the image features ready-made."""
+        images: list[PaliGemmaImage] = self.image_encodings(requests)
+        prefix = IMAGE_TOKEN * self.processor.image_seq_length + self.tokenizer.bos_token
+        rows = [self.tokenizer(prefix + prompt + "\n", add_special_tokens=False)["input_ids"] for prompt in prompts]
+        input_ids, attention_mask = left_padded(rows, self.pad_token_id)
+        features = BaseModelOutputWithPooling(pooler_output=torch.stack([image.features for image in images]))
+        return {
+            "input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+            "token_type_ids": torch.zeros_like(input_ids).to(self.device), "mm_encoder_outputs": {"image": features},
+        }  # fmt: skip
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[PaliGemmaImage]:
+        """One image-processor call and one SigLIP + projector pass for all ``images``."""
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            encoded = self.model.get_image_features(pixels.to(self.device, self.model.dtype))
+        return [PaliGemmaImage(features) for features in encoded.pooler_output]

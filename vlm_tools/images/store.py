@@ -12,6 +12,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -51,6 +52,11 @@ class ImageStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[str], None]] = []
+
+    def on_evict(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(image_id)`` whenever an image leaves the store (what was made of it goes too)."""
+        self._listeners.append(listener)
 
     def put(self, image: Image.Image, scope: str) -> str:
         """Keep ``image`` for ``scope`` and return its new id; evicts the least recently used as needed."""
@@ -61,12 +67,17 @@ class ImageStore:
                 f"holds ({self._max_bytes:,}; --image-store-bytes); send a smaller image"
             )
         image_id = IMAGE_ID_PREFIX + secrets.token_hex(16)
+        gone = []
         with self._lock:
             self._entries[image_id] = _Entry(scope, image, nbytes)
             self._nbytes += nbytes
             while len(self._entries) > self._max_count or self._nbytes > self._max_bytes:
-                _, evicted = self._entries.popitem(last=False)
+                evicted_id, evicted = self._entries.popitem(last=False)
                 self._nbytes -= evicted.nbytes
+                gone.append(evicted_id)
+        for evicted_id in gone:
+            for listener in self._listeners:
+                listener(evicted_id)
         return image_id
 
     def get(self, image_id: str, scope: str) -> Image.Image:
