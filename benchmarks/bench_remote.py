@@ -58,8 +58,9 @@ def request_maker(max_new_tokens: int) -> Callable[[int], Request]:
                              max_new_tokens=max_new_tokens)  # fmt: skip
 
 
-async def measure(backend: Backend, make: Callable[[int], Request], count: int, concurrency: int,
-                  max_batch_size: int) -> dict[str, Any]:
+async def measure(
+    backend: Backend, make: Callable[[int], Request], count: int, concurrency: int, max_batch_size: int
+) -> dict[str, Any]:
     """Run ``count`` requests with ``concurrency`` callers through a fresh engine; time each and the whole."""
     engine = Engine([backend], max_batch_size=max_batch_size, batch_wait_ms=5.0, queue_size=max(64, count),
                     request_timeout_s=600.0)  # fmt: skip
@@ -217,13 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=24, help="measured requests per mode and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="callers at once")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each cell reports its median round")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in this process and in each server (0: torch's default, one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in this process and in each server (0: torch's default, one per core)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--remote-concurrency", type=int, default=16)
-    parser.add_argument("--vllm-python", type=Path, default=_default_vllm_python(),
-                        help="the vLLM venv's python (default: .vllm-venv/bin/python when it exists)")
+    parser.add_argument(
+        "--vllm-python",
+        type=Path,
+        default=_default_vllm_python(),
+        help="the vLLM venv's python (default: .vllm-venv/bin/python when it exists)",
+    )
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

@@ -10,10 +10,29 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from vlm_tools.backends.base import Backend, Outcome, Request
 from vlm_tools.settings import Settings
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (``False`` without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def require_for_gpu_test(ready: bool, message: str) -> None:
+    """A prerequisite of a ``gpu`` test: without CUDA the test skips; on a CUDA machine a missing prerequisite
+    (bitsandbytes, the real weights) fails it, so a GPU run cannot pass by skipping what it exists to run."""
+    if not cuda_available():
+        pytest.skip(f"needs a CUDA GPU ({message})")
+    if not ready:
+        pytest.fail(f"on this CUDA machine the gpu test cannot run: {message}")
 
 
 def png_bytes(width: int = 200, height: int = 100, color: tuple[int, int, int] = (30, 60, 200)) -> bytes:

@@ -251,12 +251,18 @@ def test_odd_images_batch_together(backend) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and the allenai/Molmo2-4B weights")
 def test_real_molmo2_points_at_a_synthetic_circle() -> None:
+    from helpers import require_for_gpu_test
+
     from vlm_tools.backends.loading import load_backend
+    from vlm_tools.errors import ModelUnavailable
 
     model = "allenai/Molmo2-4B"
-    backend = load_backend(model, Settings(model=(model,), device="cuda"))
+    require_for_gpu_test(True, f"the {model} weights")
+    try:
+        backend = load_backend(model, Settings(model=(model,), device="cuda"))
+    except ModelUnavailable as error:
+        require_for_gpu_test(False, f"{model} is not available here: {error.message}")
     try:
         requests = []
         centres = []

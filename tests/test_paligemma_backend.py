@@ -260,15 +260,18 @@ REAL_MODEL = "google/paligemma2-3b-mix-448"
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_paligemma_in_4bit_finds_a_red_square() -> None:
-    pytest.importorskip("bitsandbytes")
+    import importlib.util
+
+    from helpers import require_for_gpu_test
+
     from vlm_tools.errors import ModelUnavailable
 
+    require_for_gpu_test(importlib.util.find_spec("bitsandbytes") is not None, "bitsandbytes (pip install 'vlm-tools[quantize]')")
     try:
         real = load_backend(REAL_MODEL, Settings(model=(REAL_MODEL,), device="cuda", quantize="4bit"))
     except ModelUnavailable as error:
-        pytest.skip(f"{REAL_MODEL} is not available here: {error.message}")
+        require_for_gpu_test(False, f"{REAL_MODEL} is not available here: {error.message}")
     image = Image.new("RGB", (640, 480), "white")
     image.paste((220, 20, 20), (160, 120, 480, 360))  # x0, y0, x1, y1 → normalised 0.25, 0.25, 0.75, 0.75
     (outcome,) = real.run_batch([Request(task=Task.DETECT, image=image, labels=("red square",), max_new_tokens=64)])
