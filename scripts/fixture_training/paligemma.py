@@ -216,10 +216,7 @@ def _causal_backend() -> type[Backend]:
     class CausalPaliGemmaBackend(PaliGemmaBackend):
         """The backend with every token type 1: no bidirectional prefix."""
 
-        def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-            inputs = super().prepare_inputs(requests, prompts)
-            inputs["token_type_ids"] = torch.ones_like(inputs["token_type_ids"])
-            return inputs
+        bidirectional_prefix = False
 
     return CausalPaliGemmaBackend
 

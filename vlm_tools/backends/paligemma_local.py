@@ -49,6 +49,13 @@ class PaliGemmaBackend(LocalBackend):
     # Gemma 2 soft-caps its attention scores, which SDPA cannot do: transformers refuses it for the text model, so
     # the text model runs eager attention (exact); the SigLIP vision tower has no soft-capping and runs SDPA.
     attention: ClassVar[str | dict[str, str]] = {"text_config": "eager", "vision_config": "sdpa"}
+    bidirectional_prefix: bool = True
+    """Whether image and prompt are read as one bidirectional prefix (``token_type_ids`` 0), as Google trained
+    PaliGemma and transformers runs it. ``False`` reads them causally (``token_type_ids`` 1), as vLLM's CPU
+    attention does, which has no prefix-LM mask: the fixture trainer and the vLLM tests compare against that."""
+
+    def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(input_ids) if self.bidirectional_prefix else torch.ones_like(input_ids)
 
     def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
         """The processor's batch: ``<image>`` + prompt per row, squashed square images, no training labels."""
@@ -59,6 +66,7 @@ class PaliGemmaBackend(LocalBackend):
         inputs.pop("labels", None)  # a training target built from token_type_ids; generate must not see it
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs["token_type_ids"] = self._token_types(inputs["token_type_ids"])
         return inputs
 
     def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
@@ -70,7 +78,7 @@ class PaliGemmaBackend(LocalBackend):
         features = BaseModelOutputWithPooling(pooler_output=torch.stack([image.features for image in images]))
         return {
             "input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
-            "token_type_ids": torch.zeros_like(input_ids).to(self.device), "mm_encoder_outputs": {"image": features},
+            "token_type_ids": self._token_types(input_ids).to(self.device), "mm_encoder_outputs": {"image": features},
         }  # fmt: skip
 
     def encode_images(self, images: Sequence[Image.Image]) -> list[PaliGemmaImage]:
