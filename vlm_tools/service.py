@@ -146,21 +146,21 @@ class VisionService:
             request = Request(Task.OCR, page.stored.image, max_new_tokens=runtime.max_new_tokens(Task.OCR),
                               image_id=page.stored.image_id)  # fmt: skip
             try:
-                output = await runtime.engine.submit(backend, request, tool="read_document")
+                try:
+                    output = await runtime.engine.submit(backend, request, tool="read_document")
+                finally:
+                    in_flight.release()
+                read[index] = DocumentPage(
+                    page=page.number, image_id=page.stored.image_id, image_size=page.stored.size,
+                    page_size_pt=page.page_size, text=output.text, raw=output.raw,
+                )  # fmt: skip
+                async with reporting:
+                    while reported < total and reported in read:
+                        reported += 1
+                        await progress(reported, total, f"read page {selected[reported - 1]} of {doc.page_count}")
             except Exception as error:  # noqa: BLE001 — raised after the group, as the call's error
                 failures.append(error)
                 group.cancel_scope.cancel()
-                return
-            finally:
-                in_flight.release()
-            read[index] = DocumentPage(
-                page=page.number, image_id=page.stored.image_id, image_size=page.stored.size,
-                page_size_pt=page.page_size, text=output.text, raw=output.raw,
-            )  # fmt: skip
-            async with reporting:
-                while reported < total and reported in read:
-                    reported += 1
-                    await progress(reported, total, f"read page {selected[reported - 1]} of {doc.page_count}")
 
         async with anyio.create_task_group() as group:
             for index, number in enumerate(selected):
