@@ -9,6 +9,9 @@ the hub-layout builders, and times whole tool calls from an ``mcp.Client``:
   crops with the hub's tiling (up to 8 crops and a low-resolution view, overlap margins 4), a vision tower of
   8 layers × 256 wide and a 2-layer, 64-wide language model. Ratio = median follow-up / median first call.
   Target ≤ 0.5.
+* **follow-up, language-model-heavy** — the same on a tiny Molmo2 with the same tiling, a small vision tower and a
+  6-layer, 512-wide language model, so that a first call's cost sits in reading the image's ~1,200 tokens: a
+  follow-up reads on from the image's kept prefix (its keys and values) and reads only its own turn.
 * **document** — ``read_document`` of an 8-page PDF against a 1-page PDF (pages render at the server's default
   long side), on the tiny Molmo2 the tests build. Ratio = 8 pages / 1 page. Target ≤ 4.
 * **concurrency** — 8 ``point_to_object`` calls at once against the same 8 one after another, on the tiny Molmo2
@@ -17,8 +20,8 @@ the hub-layout builders, and times whole tool calls from an ``mcp.Client``:
   image). Ratio = sequential time / concurrent time. Target ≥ 4.
 
 Random models never stop by themselves, so every call decodes exactly its token cap (``--max-new-tokens``, 16;
-``--point-tokens`` for pointing, 32): equal work in every compared pair. Everything runs on the CPU with ``--threads`` torch threads per server
-(default 1, as in ``bench_engine.py``). Run from the repository root::
+``--point-tokens`` for pointing, 32): equal work in every compared pair. Everything runs on the CPU with
+``--threads`` torch threads per server (default 1, as in ``bench_engine.py``). Run from the repository root::
 
     .venv/bin/python benchmarks/bench_speed.py --out bench_speed.json
     .venv/bin/python benchmarks/bench_speed.py --quick          # smoke run, numbers not meaningful
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 VLM_TOOLS = str(Path(sys.executable).with_name("vlm-tools"))
-TARGETS = {"follow_up": ("<=", 0.5), "document": ("<=", 4.0), "concurrency": (">=", 4.0)}
+TARGETS = {"follow_up": ("<=", 0.5), "follow_up_lm": ("<=", 0.5), "document": ("<=", 4.0), "concurrency": (">=", 4.0)}
 
 
 # --- models and inputs --------------------------------------------------------------------------------------
@@ -56,14 +59,26 @@ def heavy_vision_shape() -> Any:
     )  # fmt: skip
 
 
+def heavy_language_shape() -> Any:
+    """A tiny Molmo2 with the hub's image tiling, a small vision tower and a language model that outweighs it."""
+    from vlm_tools.testing.tiny_molmo2 import Molmo2Shape
+
+    return Molmo2Shape(
+        crop_size=378, max_crops=8, overlap_margins=(4, 4), text_hidden=512, text_layers=6, text_heads=8,
+        text_kv_heads=2, text_head_dim=64, text_intermediate=1536, adapter_intermediate=512, init_std=0.02,
+    )  # fmt: skip
+
+
 def build_models(root: Path) -> dict[str, Path]:
-    """The three models (built once into ``root``, reused when already there)."""
+    """The four models (built once into ``root``, reused when already there)."""
     from vlm_tools.testing.tiny_molmo2 import build_tiny_molmo2
     from vlm_tools.testing.tiny_paligemma import build_tiny_paligemma
 
-    paths = {"heavy_molmo2": root / "molmo2-378", "molmo2": root / "molmo2", "paligemma": root / "paligemma"}
+    paths = {"heavy_molmo2": root / "molmo2-378", "heavy_lm_molmo2": root / "molmo2-378-lm", "molmo2": root / "molmo2",
+             "paligemma": root / "paligemma"}  # fmt: skip
     builders = {
         "heavy_molmo2": lambda path: build_tiny_molmo2(path, shape=heavy_vision_shape()),
+        "heavy_lm_molmo2": lambda path: build_tiny_molmo2(path, shape=heavy_language_shape()),
         "molmo2": build_tiny_molmo2,
         "paligemma": build_tiny_paligemma,
     }
@@ -213,10 +228,11 @@ def verdict(part: str, ratio: float) -> str:
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"vlm-tools speed over stdio — {report['machine']}, {report['threads']} torch thread(s) per server"]
-    if "follow_up" in report:
-        row = report["follow_up"]
-        lines.append(f"follow-up / first call   first {row['first_s']:.3f} s, follow-up {row['follow_up_s']:.3f} s"
-                     f"   ratio {verdict('follow_up', row['ratio'])}")  # fmt: skip
+    for part, label in (("follow_up", "vision-heavy"), ("follow_up_lm", "LM-heavy    ")):
+        if part in report:
+            row = report[part]
+            lines.append(f"follow-up / first call, {label}   first {row['first_s']:.3f} s, follow-up "
+                         f"{row['follow_up_s']:.3f} s   ratio {verdict(part, row['ratio'])}")  # fmt: skip
     if "document" in report:
         row = report["document"]
         lines.append(f"8-page PDF / 1 page      1 page {row['one_page_s']:.3f} s, 8 pages {row['eight_pages_s']:.3f} s"
@@ -232,7 +248,7 @@ def render(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["follow_up", "document", "concurrency"], action="append")
+    parser.add_argument("--only", choices=["follow_up", "follow_up_lm", "document", "concurrency"], action="append")
     parser.add_argument("--pairs", type=int, default=5, help="follow-up: first/follow-up pairs (one image each)")
     parser.add_argument("--repeat", type=int, default=3, help="document and concurrency: rounds")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="follow-up and document: token cap a call")
@@ -255,7 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import platform
 
-    parts = args.only or ["follow_up", "document", "concurrency"]
+    parts = args.only or ["follow_up", "follow_up_lm", "document", "concurrency"]
     report: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": args.threads,
                               "max_new_tokens": args.max_new_tokens, "point_tokens": args.point_tokens}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
@@ -264,6 +280,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         workdir.mkdir()
         if "follow_up" in parts:
             report["follow_up"] = await measure_follow_up(models["heavy_molmo2"], workdir, args)
+        if "follow_up_lm" in parts:
+            report["follow_up_lm"] = await measure_follow_up(models["heavy_lm_molmo2"], workdir, args)
         if "document" in parts:
             report["document"] = await measure_document(models["molmo2"], workdir, args)
         if "concurrency" in parts:

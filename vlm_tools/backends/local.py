@@ -10,10 +10,12 @@ One ``run_batch`` call reads top-down:
 4. each row's new tokens decoded and read by the family's parser.
 
 Images are encoded ahead of their batch: :meth:`LocalBackend.prefetch` (the engine calls it when a request is
-admitted) encodes a request's image on one of a few threads of their own, so the processor's CPU work and the vision encoder of
-the next batch run while the current batch generates. A family's file (``paligemma_local.py``,
-``molmo2_local.py``) holds only what differs: its processor call (:meth:`prepare_inputs`, the reference path), how
-it encodes images and lays a prompt out around an encoding. Imported only when a local model loads.
+admitted) encodes a request's image on one of a few threads of their own, so the processor's CPU work and the
+vision encoder of the next batch run while the current batch generates. What ``generate`` is given is
+:meth:`LocalBackend.generation_inputs`: :meth:`model_inputs` itself, or, for Molmo2, the rows read on from each
+image's kept prefix. A family's file (``paligemma_local.py``, ``molmo2_local.py``) holds only what differs: its
+processor call (:meth:`prepare_inputs`, the reference path), how it encodes images and lays a prompt out around an
+encoding. Imported only when a local model loads.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENCODING_CACHE_BYTES = 512_000_000
+DEFAULT_ENCODING_CACHE_BYTES = 2_000_000_000
 
 
 def prefetch_workers() -> int:
@@ -129,7 +131,7 @@ class LocalBackend(Backend):
             live.append(index)
         if live:
             batch = [requests[i] for i in live]
-            inputs = self.model_inputs(batch, prompts)
+            inputs = self.generation_inputs(batch, prompts)
             rows = generation.generate_rows(
                 self.model, inputs, batch, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id
             )
@@ -146,6 +148,11 @@ class LocalBackend(Backend):
     def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
         """The left-padded model inputs of a batch, on the device, each image's encoding reused or made
         (:meth:`image_encodings`); ``generate`` gives every row what :meth:`prepare_inputs` would."""
+
+    def generation_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """What ``generate`` is given for a batch: :meth:`model_inputs`, unless the family reads from kept prefixes
+        (Molmo2 does; its image prefix attends to nothing after it)."""
+        return self.model_inputs(requests, prompts)
 
     @abstractmethod
     def encode_images(self, images: Sequence[Image.Image]) -> list[Any]:

@@ -14,13 +14,16 @@ The prompt is the checkpoint's own chat template (the image hoisted to the front
 after BOS (= ``<|im_end|>``, which the processor puts in front). :meth:`Molmo2Backend.model_inputs` lays it out
 around an image's encoding — its token ids and pooled features, reused for an image seen before — and gives
 ``generate`` the features ready-made (``mm_encoder_outputs``); :meth:`Molmo2Backend.prepare_inputs` is the
-processor's own layout, which the tests hold it to, token for token.
+processor's own layout, which the tests hold it to, token for token. What runs is
+:meth:`Molmo2Backend.generation_inputs`: the language model's keys and values over BOS and the image tokens depend
+on the image alone (they attend to nothing after them), so they are read once per image, kept with its encoding,
+and every question on that image reads only its own turn (:mod:`~vlm_tools.backends.prefixes`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .base import Request
 from .local import LocalBackend, left_padded
+from .prefixes import Prefix, continue_from_prefixes, prefixes_from_cache
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,15 +41,18 @@ IMAGE_PLACEHOLDER = "<|image|>"
 
 @dataclass(frozen=True)
 class Molmo2Image:
-    """What Molmo2 makes of one image: the ids of its image tokens and the pooled features added onto them."""
+    """What Molmo2 makes of one image: the ids of its image tokens, the pooled features added onto them and, once
+    a prompt on it has been read, the language model's keys and values over BOS and those tokens."""
 
     token_ids: list[int]
     features: torch.Tensor
+    prefix: Prefix | None = None
 
     @property
     def nbytes(self) -> int:
         """Device memory it takes."""
-        return self.features.numel() * self.features.element_size() + 8 * len(self.token_ids)
+        kept = self.prefix.nbytes if self.prefix is not None else 0
+        return self.features.numel() * self.features.element_size() + 8 * len(self.token_ids) + kept
 
 
 class Molmo2Backend(LocalBackend):
@@ -66,8 +73,40 @@ class Molmo2Backend(LocalBackend):
     def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
         """BOS, each image's tokens and the templated turn per row, left-padded; the features ready-made."""
         images: list[Molmo2Image] = self.image_encodings(requests)
-        bos = self.tokenizer.convert_tokens_to_ids(self.tokenizer.bos_token or self.tokenizer.eos_token)
-        rows = [[bos, *image.token_ids, *self._turn_ids(prompt)] for image, prompt in zip(images, prompts, strict=True)]
+        rows = [
+            [*self._prefix_ids(image), *self._turn_ids(prompt)] for image, prompt in zip(images, prompts, strict=True)
+        ]
+        return self._read_inputs(rows, images)
+
+    def generation_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """Each row read on from its image's kept prefix (:mod:`~vlm_tools.backends.prefixes`): only the user's
+        turn is read now; the prefixes not kept yet are read first, once per image, in one pass."""
+        images = self.image_prefixes(requests, self.image_encodings(requests))
+        return continue_from_prefixes(
+            [image.prefix for image in images], [self._turn_ids(prompt) for prompt in prompts],
+            pad_token_id=self.pad_token_id, config=self.model.config, device=self.device,
+        )  # fmt: skip
+
+    def image_prefixes(self, requests: Sequence[Request], images: Sequence[Molmo2Image]) -> list[Molmo2Image]:
+        """``images`` with their prefix read: kept from before, or read now (each distinct image once, all in one
+        pass) and kept with the image's encoding."""
+        keys = [request.image_id or id(image) for request, image in zip(requests, images, strict=True)]
+        pending = {key: image for key, image in zip(keys, images, strict=True) if image.prefix is None}
+        if not pending:
+            return list(images)
+        rows = [self._prefix_ids(image) for image in pending.values()]
+        inputs = self._read_inputs(rows, list(pending.values()))
+        inputs["position_ids"] = positions(inputs["attention_mask"])  # generate derives them so; a bare pass does not
+        with torch.inference_mode():
+            read = self.model.model(**inputs, use_cache=True)
+        for (key, image), prefix in zip(pending.items(), prefixes_from_cache(read.cache, rows), strict=True):
+            pending[key] = replace(image, prefix=prefix)
+            if isinstance(key, str):
+                self.encodings.put(key, pending[key], pending[key].nbytes)
+        return [pending.get(key, image) for key, image in zip(keys, images, strict=True)]
+
+    def _read_inputs(self, rows: list[list[int]], images: Sequence[Molmo2Image]) -> dict[str, Any]:
+        """Model inputs for token rows holding ``images``' tokens in order: left-padded, the features ready-made."""
         input_ids, attention_mask = left_padded(rows, self.pad_token_id)
         types = torch.tensor(self.processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.long)
         features = BaseModelOutputWithPooling(pooler_output=tuple(image.features for image in images))
@@ -75,6 +114,11 @@ class Molmo2Backend(LocalBackend):
             "input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
             "mm_token_type_ids": types.to(self.device), "mm_encoder_outputs": {"image": features},
         }  # fmt: skip
+
+    def _prefix_ids(self, image: Molmo2Image) -> list[int]:
+        """BOS (the processor puts it in front) and the image's tokens: the part of a prompt the image alone fixes."""
+        bos = self.tokenizer.convert_tokens_to_ids(self.tokenizer.bos_token or self.tokenizer.eos_token)
+        return [bos, *image.token_ids]
 
     def encode_images(self, images: Sequence[Image.Image]) -> list[Molmo2Image]:
         """One image-processor call and one vision-encoder pass for all ``images``."""
@@ -107,3 +151,8 @@ class Molmo2Backend(LocalBackend):
     @staticmethod
     def _conversation(image: Any, prompt: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, as ``generate`` derives them: counted from each row's first token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

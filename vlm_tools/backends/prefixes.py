@@ -1,0 +1,96 @@
+"""Prompts read on from a kept prefix: the key/value cache of the tokens that depend on the image alone.
+
+A Molmo2 prompt starts with BOS and the image's tokens, then the user's turn; the image tokens attend to BOS and to
+each other (bidirectionally), never to the text after them. So the language model's keys and values over that
+prefix are a function of the image alone, and a follow-up question on the same image need not read its ~1,200
+image tokens again: :func:`continue_from_prefixes` lays a batch out so that ``generate`` starts from the kept
+prefixes and reads only each row's own turn.
+
+Rows of a batch hold prefixes and turns of different lengths. The cache handed to ``generate`` must be one tensor
+per layer, so each row is laid out as::
+
+    [padding | prefix (cached) | hole | turn (read now)]
+
+left padding before the prefix so that every row's prefix ends at the same column, and a hole of padding before
+the turn so that every row's turn ends at the last column. Padding and hole are masked out; ``generate`` derives
+position ids from the attention mask, so the prefix sits at positions ``0 … P-1`` and the turn right after it —
+exactly where the row's tokens sit when read in one pass, left-padded. Not for PaliGemma: its image tokens and
+prompt form one bidirectional prefix, so the image's keys depend on the question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The language model's keys and values over a prompt's leading tokens.
+
+    Attributes:
+        token_ids: the tokens the cache covers.
+        layers: per decoder layer, ``(keys, values)``, each ``(heads, len(token_ids), head_dim)``.
+    """
+
+    token_ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory it takes."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+
+
+def prefixes_from_cache(cache: Any, rows: Sequence[Sequence[int]]) -> list[Prefix]:
+    """Split the cache of one pass over left-padded ``rows`` into one :class:`Prefix` per row (its padding dropped,
+    its tensors copied out so the batch's cache can go)."""
+    width = max(len(row) for row in rows)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return [
+        Prefix(
+            tuple(row),
+            tuple(
+                (keys[i, :, width - len(row) :].clone(), values[i, :, width - len(row) :].clone())
+                for keys, values in layers
+            ),
+        )  # fmt: skip
+        for i, row in enumerate(rows)
+    ]
+
+
+def continue_from_prefixes(
+    prefixes: Sequence[Prefix], turns: Sequence[Sequence[int]], *, pad_token_id: int, config: Any, device: Any = "cpu"
+) -> dict[str, Any]:
+    """``generate`` inputs for rows ``prefix + turn`` whose prefixes are already read (see the module docstring):
+    the full ``input_ids`` and ``attention_mask`` on ``device`` and a cache holding every row's prefix (each layer
+    where its prefix tensors are)."""
+    if len(prefixes) != len(turns) or not prefixes:
+        raise ValueError("one prefix and one turn per row, at least one row")
+    head = max(len(p.token_ids) for p in prefixes)
+    tail = max(len(turn) for turn in turns)
+    ids = torch.full((len(prefixes), head + tail), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (prefix, turn) in enumerate(zip(prefixes, turns, strict=True)):
+        ids[i, head - len(prefix.token_ids) : head] = torch.tensor(prefix.token_ids, dtype=torch.long)
+        mask[i, head - len(prefix.token_ids) : head] = 1
+        ids[i, head + tail - len(turn) :] = torch.tensor(list(turn), dtype=torch.long)
+        mask[i, head + tail - len(turn) :] = 1
+    cache_layers = []
+    for layer in range(len(prefixes[0].layers)):
+        stacked = []
+        for part in (0, 1):  # keys, values
+            sample = prefixes[0].layers[layer][part]
+            tensor = sample.new_zeros((len(prefixes), sample.shape[0], head, sample.shape[-1]))
+            for i, prefix in enumerate(prefixes):
+                tensor[i, :, head - len(prefix.token_ids) :] = prefix.layers[layer][part]
+            stacked.append(tensor)
+        cache_layers.append(tuple(stacked))
+    return {
+        "input_ids": ids.to(device), "attention_mask": mask.to(device),
+        "cache": DynamicCache(ddp_cache_data=cache_layers, config=config),
+    }  # fmt: skip
