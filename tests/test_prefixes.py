@@ -142,3 +142,11 @@ def test_rows_of_different_lengths_sit_where_one_pass_puts_them() -> None:
     keys = inputs["cache"].layers[0].keys
     assert keys.shape == (2, 2, 5, 4)
     assert keys[0, :, :2].abs().sum() == 0 and torch.all(keys[0, :, 2:] == 1.0) and torch.all(keys[1] == 2.0)
+
+
+def test_a_prefetch_that_finishes_late_does_not_drop_the_kept_prefix(backend) -> None:
+    backend.run_batch(requests()[:1])
+    assert backend.encodings.get("img_0").prefix is not None
+    backend.prefetch(requests()[0])  # known already: nothing to do
+    backend._encode_one(requests()[0])  # as a prefetch admitted before the batch kept the prefix would end
+    assert backend.encodings.get("img_0").prefix is not None

@@ -388,8 +388,12 @@ async def test_unsupported_by_model_names_the_family(tmp_path: Path, molmo2: Scr
 
 
 async def test_busy_when_the_queue_is_full(tmp_path: Path, image_file: Path) -> None:
-    slow = ScriptedBackend("molmo2", molmo2_script, delay_s=0.5, max_batch_size=1)
-    server = build_server(settings_for(tmp_path, queue_size=1, max_batch_size=1), load_backends=loader(slow))
+    """One call with the model and one waiting fill a queue of one: the next callers are told to retry at once."""
+    import threading
+
+    gate = threading.Event()
+    held = ScriptedBackend("molmo2", molmo2_script, max_batch_size=1, gate=gate)
+    server = build_server(settings_for(tmp_path, queue_size=1, max_batch_size=1), load_backends=loader(held))
     async with Client(server) as c:
         results: list[object] = []
 
@@ -397,11 +401,15 @@ async def test_busy_when_the_queue_is_full(tmp_path: Path, image_file: Path) -> 
             results.append(await c.call_tool("describe_image", {"image": str(image_file)}))
 
         async with anyio.create_task_group() as tg:
-            for _ in range(5):
+            tg.start_soon(call)
+            await eventually(lambda: len(held.batches) == 1, 10, "the first call to reach the model")
+            for _ in range(4):
                 tg.start_soon(call)
+            await eventually(lambda: len(results) == 3, 10, "three callers to be turned away while the model works")
+            gate.set()
         codes = [_code(r) if r.is_error else "ok" for r in results]  # type: ignore[attr-defined]
-        assert codes.count("busy") >= 1 and codes.count("ok") >= 2
-        assert "retry" in _error_text(next(r for r in results if r.is_error)).lower()  # type: ignore[attr-defined]
+        assert codes == ["busy", "busy", "busy", "ok", "ok"]
+        assert "retry" in _error_text(results[0]).lower()
 
 
 async def test_timeout(tmp_path: Path, image_file: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import random
 import shutil
 import threading
@@ -226,6 +227,17 @@ async def test_a_prompt_too_long_for_the_context_is_a_clear_tool_error(tmp_path:
     assert not after.is_error  # and the server keeps serving
 
 
+class RecordedLogs(logging.Handler):
+    """Log records kept as lines, for a failure message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
 def test_killing_one_of_two_servers_mid_run_loses_no_call(served: tuple[InferenceServer, ...], remote: Backend) -> None:
     """Runs last: it kills the second server. Requests in flight on it are retried on the survivor."""
     plain, hostile = served
@@ -235,21 +247,26 @@ def test_killing_one_of_two_servers_mid_run_loses_no_call(served: tuple[Inferenc
                          max_model_len=MAX_MODEL_LEN)  # fmt: skip
     outcomes: list[Any] = []
     runner = threading.Thread(target=lambda: outcomes.extend(pool.run_batch(requests)))
+    records = RecordedLogs()  # what the pool says (a server marked down…), straight from its logger
+    logging.getLogger("vlm_tools.backends.remote_client").addHandler(records)
     try:
         runner.start()
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # kill it once it has answered and still holds calls in flight
-            second = pool.pool.snapshot()[1]
-            if second["completed"] >= 1 and second["outstanding"] > 0:
+        while time.monotonic() < deadline:  # kill it mid-run: calls answered, and calls in flight on it
+            state = pool.pool.snapshot()
+            if state[0]["completed"] + state[1]["completed"] >= 1 and state[1]["outstanding"] > 0:
                 break
-            time.sleep(0.005)
+            time.sleep(0.002)
         else:
-            pytest.fail(f"the second server never held calls in flight after answering one: {second}")
+            runner.join(timeout=300)
+            pytest.fail(f"the second server never held calls in flight mid-run: {pool.pool.snapshot()}; "
+                        f"the pool logged: {records.lines}")  # fmt: skip
         hostile.kill()
         runner.join(timeout=300)
         assert not runner.is_alive()
         state = pool.pool.snapshot()
     finally:
+        logging.getLogger("vlm_tools.backends.remote_client").removeHandler(records)
         pool.close()
     assert len(outcomes) == len(requests)
     assert all(isinstance(o, Output) for o in outcomes), outcomes

@@ -39,11 +39,14 @@ class EncodingCache:
             self.hits += 1
             return entry[0]
 
-    def put(self, image_id: str | None, encoding: Any, nbytes: int) -> None:
-        """Keep ``encoding`` for ``image_id`` (nothing for an image without an id, or one bigger than the cache)."""
+    def put(self, image_id: str | None, encoding: Any, nbytes: int, *, replace: bool = True) -> None:
+        """Keep ``encoding`` for ``image_id`` (nothing for an image without an id, or one bigger than the cache);
+        with ``replace=False``, an encoding already kept for it stays (it may carry more, e.g. Molmo2's prefix)."""
         if image_id is None or nbytes > self.max_bytes:
             return
         with self._lock:
+            if not replace and image_id in self._entries:
+                return
             old = self._entries.pop(image_id, None)
             if old is not None:
                 self._nbytes -= old[1]

@@ -194,12 +194,13 @@ class LocalBackend(Backend):
         if missing:
             for index, encoding in zip(missing, self.encode_images([requests[i].image for i in missing]), strict=True):
                 found[index] = encoding
-                self.encodings.put(requests[index].image_id, encoding, encoding.nbytes)
+                self.encodings.put(requests[index].image_id, encoding, encoding.nbytes, replace=False)
         return found
 
     def _encode_one(self, request: Request) -> Any:
         (encoding,) = self.encode_images([request.image])
-        self.encodings.put(request.image_id, encoding, encoding.nbytes)
+        # replace=False: a batch may have kept a fuller encoding of this image meanwhile (Molmo2: with its prefix)
+        self.encodings.put(request.image_id, encoding, encoding.nbytes, replace=False)
         return encoding
 
     # --- resources ----------------------------------------------------------------------------------------

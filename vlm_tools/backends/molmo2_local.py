@@ -91,7 +91,8 @@ class Molmo2Backend(LocalBackend):
         """``images`` with their prefix read: kept from before, or read now (each distinct image once, all in one
         pass) and kept with the image's encoding."""
         keys = [request.image_id or id(image) for request, image in zip(requests, images, strict=True)]
-        pending = {key: image for key, image in zip(keys, images, strict=True) if image.prefix is None}
+        kept = {key: image for key, image in zip(keys, images, strict=True) if image.prefix is not None}
+        pending = {key: image for key, image in zip(keys, images, strict=True) if key not in kept}
         if not pending:
             return list(images)
         rows = [self._prefix_ids(image) for image in pending.values()]
@@ -103,7 +104,7 @@ class Molmo2Backend(LocalBackend):
             pending[key] = replace(image, prefix=prefix)
             if isinstance(key, str):
                 self.encodings.put(key, pending[key], pending[key].nbytes)
-        return [pending.get(key, image) for key, image in zip(keys, images, strict=True)]
+        return [kept[key] if key in kept else pending[key] for key in keys]
 
     def _read_inputs(self, rows: list[list[int]], images: Sequence[Molmo2Image]) -> dict[str, Any]:
         """Model inputs for token rows holding ``images``' tokens in order: left-padded, the features ready-made."""
