@@ -99,6 +99,34 @@ def test_the_image_arrives_pixel_exact(fake: FakeOpenAI) -> None:
     assert sent.tobytes() == image.tobytes()
 
 
+def test_a_follow_up_on_an_image_sends_the_kept_bytes_without_encoding_again(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlm_tools.backends import remote as remote_module
+
+    encoded: list[tuple[int, int]] = []
+    original = remote_module.png_data_uri
+
+    def counting(image: Image.Image) -> str:
+        encoded.append(image.size)
+        return original(image)
+
+    monkeypatch.setattr(remote_module, "png_data_uri", counting)
+    remote = backend(fake.url)
+    other_image = Image.new("RGB", (8, 8), (1, 2, 3))
+    try:
+        run_one(remote, detect(image_id="img_a"))
+        run_one(remote, detect("dog", image_id="img_a"))  # a follow-up by id: the kept URI
+        run_one(remote, Request(Task.CAPTION, other_image, max_new_tokens=8))  # no id: encoded, not kept
+        remote.forget_image("img_a")  # the image left the store: encoded afresh next time
+        run_one(remote, detect(image_id="img_a"))
+    finally:
+        remote.close()
+    assert encoded == [IMAGE.size, (8, 8), IMAGE.size]
+    urls = [body["messages"][0]["content"][0]["image_url"]["url"] for body in fake.chat_bodies]
+    assert urls[0] == urls[1] == urls[3] != urls[2]
+
+
 def test_list_content_parts_are_joined(fake: FakeOpenAI) -> None:
     parts = [{"type": "text", "text": "<loc0100><loc0200>"}, {"type": "text", "text": "<loc0300><loc0400> cat"}]
     fake.script = Reply(content=parts)

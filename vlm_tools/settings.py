@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     encoding_cache_bytes: int = Field(
         2_000_000_000, ge=0,
         description="Most bytes (device memory) of image encodings kept for reuse by image_id (for Molmo2 with the "
-        "image's KV prefix: ~180 MB per 1280x800 screenshot on Molmo2-4B in bfloat16).",
+        "image's KV prefix: ~180 MB per 1280x800 screenshot on Molmo2-4B in bfloat16; with --backend openai, of the "
+        "PNG data URIs sent).",
     )
     max_pages: int = Field(50, ge=1, description="Most PDF pages read in one read_document call.")
     page_long_side: int = Field(2048, ge=64, le=10_000, description="Long side in pixels of a rendered PDF page.")

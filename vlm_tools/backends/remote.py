@@ -5,7 +5,8 @@ same tool call gives the same result whichever way the model runs. What this mod
 
 * one ``user`` message whose content is ``[image_url, text]``: the image as a ``data:image/png;base64,…`` URI
   encoded from the image the server already fetched, decoded and checked (a user's URL never reaches the
-  inference server, whose own fetching has had SSRF holes), then the family's prompt text;
+  inference server, whose own fetching has had SSRF holes), kept by image id so a follow-up sends the same bytes
+  without encoding them again, then the family's prompt text;
 * greedy decoding that inherits nothing: vLLM takes its default sampling parameters from the checkpoint's
   ``generation_config.json`` (a repetition penalty there would bend every answer), so the neutral values are
   sent explicitly — ``temperature 0``, ``top_p 1``, no presence or frequency penalty, ``seed 0``, ``n 1``,
@@ -34,13 +35,12 @@ import httpx
 from ..errors import Cancelled, ConfigurationError, ModelError, VlmToolsError
 from ..images.encode import png_data_uri
 from .base import Backend, Outcome, Request
+from .encodings import EncodingCache
 from .families import get_family
 from .family import Family
 from .remote_client import ServerPool, error_message
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,15 @@ def family_from_name(*names: str | None) -> str | None:
     return None
 
 
-def chat_body(model: str, prompt: str, image: Image.Image, max_new_tokens: int) -> dict[str, Any]:
-    """A greedy chat-completion body: one user message holding the image, then the prompt text."""
+def chat_body(model: str, prompt: str, image_url: str, max_new_tokens: int) -> dict[str, Any]:
+    """A greedy chat-completion body: one user message holding the image (a ``data:`` URI), then the prompt."""
     return {
         "model": model,
         "messages": [
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_url", "image_url": {"url": png_data_uri(image)}},
+                    {"type": "image_url", "image_url": {"url": image_url}},
                     {"type": "text", "text": prompt},
                 ],
             }
@@ -99,6 +99,8 @@ class RemoteBackend(Backend):
         backoff_s: (first, longest) seconds a failing server is left alone.
         max_model_len: the servers' context length when they report it (vLLM's ``GET /models``): no request asks
             for more new tokens than that (vLLM refuses such a request outright; it fits the rest itself).
+        image_cache_bytes: most bytes of PNG ``data:`` URIs kept by image id, so a follow-up on an image sends
+            the same bytes without encoding them again (vLLM's prefix cache then matches them too).
         transport: an httpx transport, for tests.
         clock: what back-offs are counted in (tests pass one they can move).
     """
@@ -115,10 +117,12 @@ class RemoteBackend(Backend):
         max_batch_size: int = 8,
         backoff_s: tuple[float, float] = (5.0, 30.0),
         max_model_len: int | None = None,
+        image_cache_bytes: int = 256_000_000,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.conventions: Family = get_family(family)
+        self.image_urls = EncodingCache(image_cache_bytes)
         self.max_model_len = max_model_len
         self.name = model
         self.family = self.conventions.name
@@ -141,11 +145,24 @@ class RemoteBackend(Backend):
             settings.base_url, model, family, api_key=settings.resolved_api_key(),
             concurrency=settings.remote_concurrency, timeout_s=settings.request_timeout_s,
             max_batch_size=settings.max_batch_size, max_model_len=max_model_len,
+            image_cache_bytes=settings.encoding_cache_bytes,
         )  # fmt: skip
 
     def prompt(self, request: Request) -> str:
         """The text sent beside the image: the family's prompt (caller text already neutralised)."""
         return self.conventions.prompt(request)
+
+    def image_url(self, request: Request) -> str:
+        """The request's image as a PNG ``data:`` URI, kept by image id for the next call on it."""
+        url = self.image_urls.get(request.image_id)
+        if url is None:
+            url = png_data_uri(request.image)
+            self.image_urls.put(request.image_id, url, len(url))
+        return url
+
+    def forget_image(self, image_id: str) -> None:
+        """Drop the kept ``data:`` URI of an image that left the image store."""
+        self.image_urls.forget(image_id)
 
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
         """Send every request at once; wait for all, abandoning those whose ``cancel`` gets set meanwhile."""
@@ -159,7 +176,7 @@ class RemoteBackend(Backend):
                 limit = request.max_new_tokens
                 if self.max_model_len:
                     limit = min(limit, self.max_model_len)
-                body = chat_body(self.name, self.prompt(request), request.image, limit)
+                body = chat_body(self.name, self.prompt(request), self.image_url(request), limit)
             except VlmToolsError as error:
                 outcomes[index] = error
                 continue
@@ -189,6 +206,7 @@ class RemoteBackend(Backend):
 
     def close(self) -> None:
         """Close the connections to the inference servers."""
+        self.image_urls.clear()
         self.pool.close()
 
 
