@@ -61,12 +61,26 @@ def test_paligemma_neutraliser_covers_the_tokenizers_control_and_geometry_tokens
     assert [t for t in geometry if not PALIGEMMA.fullmatch(t)] == []
 
 
-@pytest.mark.parametrize("pattern", [PALIGEMMA, MOLMO2, MOLMO], ids=["paligemma", "molmo2", "molmo"])
-@pytest.mark.parametrize("text", ORDINARY)
+# Molmo 0924's tokenizers are not vendored, so its pattern breaks up every <|…|> spelling, added token or not.
+ORDINARY_FOR = {
+    "paligemma": (PALIGEMMA, ORDINARY),
+    "molmo2": (MOLMO2, ORDINARY),
+    "molmo": (MOLMO, [text for text in ORDINARY if "<|" not in text]),
+}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [pytest.param(pattern, text, id=f"{name}-{index}")
+     for name, (pattern, texts) in ORDINARY_FOR.items() for index, text in enumerate(texts)],
+)  # fmt: skip
 def test_ordinary_text_passes_unchanged(pattern: re.Pattern[str], text: str) -> None:
-    if pattern is MOLMO and "<|fim_prefix|>" in text:
-        pytest.skip("Molmo 0924's pattern breaks every <|…|> spelling (its tokenizers' specials are not listed)")
     assert neutralise(text, pattern) == text
+
+
+def test_molmo_breaks_up_every_bar_bracket_spelling() -> None:
+    assert neutralise("<|fim_prefix|> and <|endoftext|>", MOLMO) != "<|fim_prefix|> and <|endoftext|>"
+    assert "<|fim_prefix|>" not in neutralise("<|fim_prefix|>", MOLMO)
 
 
 @pytest.mark.parametrize(
