@@ -123,7 +123,7 @@ def test_the_kept_prefix_counts_in_the_encodings_bytes_and_leaves_with_the_image
 
 
 def test_rows_of_different_lengths_sit_where_one_pass_puts_them() -> None:
-    from vlm_tools.backends.local import left_padded
+    from vlm_tools.backends.generation import left_padded
     from vlm_tools.backends.prefixes import Prefix, continue_from_prefixes
 
     def prefix(length: int, value: float) -> Prefix:

@@ -149,3 +149,20 @@ def neutral_generation_config(model: Any, eos_token_ids: Sequence[int], pad: int
     ``generate`` to inherit from the checkpoint's ``generation_config.json`` (see the module docstring)."""
     bos = getattr(getattr(model, "generation_config", None), "bos_token_id", None)
     return GenerationConfig(bos_token_id=bos, eos_token_id=list(eos_token_ids), pad_token_id=pad)
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token rows, padded on the left to the longest."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[index, width - len(row) :] = 1
+    return ids, mask
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, as ``generate`` derives them: counted from each row's first token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -224,17 +224,3 @@ class LocalBackend(Backend):
         self.model = None
         self.encodings.clear()
         placement.free_memory()
-
-
-def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
-    """``input_ids`` and ``attention_mask`` of token rows, padded on the left to the longest."""
-    import torch
-
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        if row:
-            ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[index, width - len(row) :] = 1
-    return ids, mask

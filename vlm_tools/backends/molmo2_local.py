@@ -30,7 +30,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .base import Request
-from .local import LocalBackend, left_padded
+from .generation import left_padded, positions
+from .local import LocalBackend
 from .prefixes import Prefix, continue_from_prefixes, prefixes_from_cache
 
 if TYPE_CHECKING:
@@ -152,8 +153,3 @@ class Molmo2Backend(LocalBackend):
     @staticmethod
     def _conversation(image: Any, prompt: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded rows, as ``generate`` derives them: counted from each row's first token."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

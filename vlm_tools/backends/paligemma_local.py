@@ -22,7 +22,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .base import Request
-from .local import LocalBackend, left_padded
+from .generation import left_padded
+from .local import LocalBackend
 
 if TYPE_CHECKING:
     from PIL import Image

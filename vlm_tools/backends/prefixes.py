@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .generation import left_padded
+
 
 @dataclass(frozen=True)
 class Prefix:
@@ -58,7 +60,7 @@ def prefixes_from_cache(cache: Any, rows: Sequence[Sequence[int]]) -> list[Prefi
                 (keys[i, :, width - len(row) :].clone(), values[i, :, width - len(row) :].clone())
                 for keys, values in layers
             ),
-        )  # fmt: skip
+        )
         for i, row in enumerate(rows)
     ]
 
@@ -71,15 +73,11 @@ def continue_from_prefixes(
     where its prefix tensors are)."""
     if len(prefixes) != len(turns) or not prefixes:
         raise ValueError("one prefix and one turn per row, at least one row")
-    head = max(len(p.token_ids) for p in prefixes)
-    tail = max(len(turn) for turn in turns)
-    ids = torch.full((len(prefixes), head + tail), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (prefix, turn) in enumerate(zip(prefixes, turns, strict=True)):
-        ids[i, head - len(prefix.token_ids) : head] = torch.tensor(prefix.token_ids, dtype=torch.long)
-        mask[i, head - len(prefix.token_ids) : head] = 1
-        ids[i, head + tail - len(turn) :] = torch.tensor(list(turn), dtype=torch.long)
-        mask[i, head + tail - len(turn) :] = 1
+    # Each part left-padded on its own: the left padding of the turns is the hole after each prefix.
+    prefix_ids, prefix_mask = left_padded([p.token_ids for p in prefixes], pad_token_id)
+    turn_ids, turn_mask = left_padded(turns, pad_token_id)
+    ids, mask = torch.cat([prefix_ids, turn_ids], dim=1), torch.cat([prefix_mask, turn_mask], dim=1)
+    head = prefix_ids.shape[1]
     cache_layers = []
     for layer in range(len(prefixes[0].layers)):
         stacked = []
