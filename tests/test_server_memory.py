@@ -322,16 +322,22 @@ async def test_read_document_pages_are_read_together(tmp_path: Path) -> None:
 
 async def test_read_document_reports_pages_in_order_when_they_finish_out_of_order(tmp_path: Path) -> None:
     import threading
-    import time
 
     finished: list[str] = []
     first_started = threading.Event()
+    others_finished = threading.Event()
+    claim = threading.Lock()  # two workers call at once: exactly one of them holds the first page
 
     def first_page_slowest(request: Request) -> str:
-        if not first_started.is_set():
+        with claim:
+            is_first = not first_started.is_set()
             first_started.set()
-            time.sleep(0.6)
+        if is_first:
+            # Held until the other three pages are read (the bound only keeps a broken run from hanging).
+            assert others_finished.wait(30), "the later pages were not read while the first was held"
         finished.append(request.image_id or "")
+        if len(finished) == 3:
+            others_finished.set()
         return molmo2_script(request)
 
     model = ScriptedBackend("molmo2", first_page_slowest, max_batch_size=1)
