@@ -42,7 +42,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-VLM_TOOLS = str(Path(sys.executable).with_name("vlm-tools"))
+# Run as a script, so its own folder is on sys.path: the server helpers are bench_engine's.
+from bench_engine import call_ok, serve_args, server_env
+
 TARGETS = {"follow_up": ("<=", 0.5), "follow_up_lm": ("<=", 0.5), "document": ("<=", 4.0), "concurrency": (">=", 4.0)}
 
 
@@ -122,24 +124,12 @@ async def stdio_client(model: Path, workdir: Path, args: argparse.Namespace, tok
     model loaded and warmed up."""
     from mcp import Client, StdioServerParameters
 
-    env = dict(os.environ)
-    env.update({
-        "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads), "VLM_TOOLS_LOG_LEVEL": "warning",
-        "VLM_TOOLS_DEVICE": "cpu", "VLM_TOOLS_MAX_NEW_TOKENS": str(tokens),
-    })  # fmt: skip
-    server_args = ["serve", "--model", str(model), "--allow-path", str(workdir)]
-    params = StdioServerParameters(command=VLM_TOOLS, args=server_args, env=env, cwd=str(workdir))
+    command, *server_args = serve_args(model, workdir)
+    params = StdioServerParameters(command=command, args=server_args, env=server_env(args.threads, tokens),
+                                   cwd=str(workdir))  # fmt: skip
     async with Client(params) as client:
-        await call(client, "describe_image", {"image": str(screenshot(workdir / "warm-up.png", 999))})
+        await call_ok(client, "describe_image", {"image": str(screenshot(workdir / "warm-up.png", 999))})
         yield client
-
-
-async def call(client: Any, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """Call a tool and return its structured result; a tool error stops the benchmark (it would skew it)."""
-    result = await client.call_tool(tool, arguments)
-    if result.is_error:
-        raise RuntimeError(f"{tool} failed: {' '.join(getattr(c, 'text', '') for c in result.content)}")
-    return dict(result.structured_content or {})
 
 
 async def timed(coroutine: Any) -> tuple[float, Any]:
@@ -159,10 +149,12 @@ async def measure_follow_up(model: Path, workdir: Path, args: argparse.Namespace
     async with stdio_client(model, workdir, args, args.max_new_tokens) as client:
         for index in range(args.pairs):
             image = screenshot(workdir / f"shot-{index}.png", index)
-            seconds, made = await timed(call(client, "answer_about_image", {"image": str(image), "question": question}))
+            seconds, made = await timed(
+                call_ok(client, "answer_about_image", {"image": str(image), "question": question})
+            )
             first.append(seconds)
             seconds, again = await timed(
-                call(client, "answer_about_image", {"image": made["image_id"], "question": question})
+                call_ok(client, "answer_about_image", {"image": made["image_id"], "question": question})
             )
             follow.append(seconds)
             if again["answer"] != made["answer"]:
@@ -180,7 +172,7 @@ async def measure_document(model: Path, workdir: Path, args: argparse.Namespace)
     async with stdio_client(model, workdir, args, args.max_new_tokens) as client:
         for _ in range(args.repeat):
             for name, path in (("1", one), ("8", eight)):
-                seconds, result = await timed(call(client, "read_document", {"document": str(path)}))
+                seconds, result = await timed(call_ok(client, "read_document", {"document": str(path)}))
                 assert len(result["pages"]) == int(name)
                 times[name].append(seconds)
     one_s, eight_s = statistics.median(times["1"]), statistics.median(times["8"])
@@ -196,7 +188,7 @@ async def measure_concurrency(model: Path, workdir: Path, args: argparse.Namespa
     new_images = [str(screenshot(workdir / f"point-{index}.png", 100 + index, (640, 400))) for index in range(8)]
     report: dict[str, Any] = {}
     async with stdio_client(model, workdir, args, args.point_tokens) as client:
-        sent = await call(client, "describe_image", {"image": str(screenshot(workdir / "one.png", 42, (640, 400)))})
+        sent = await call_ok(client, "describe_image", {"image": str(screenshot(workdir / "one.png", 42, (640, 400)))})
         workloads = {
             "one_image": [{"image": sent["image_id"], "description": text} for text in descriptions],
             "new_images": [{"image": image, "description": "the blue button"} for image in new_images],
@@ -207,10 +199,10 @@ async def measure_concurrency(model: Path, workdir: Path, args: argparse.Namespa
             for _ in range(args.repeat):
                 started = time.perf_counter()
                 for arguments in calls:
-                    await call(client, "point_to_object", arguments)
+                    await call_ok(client, "point_to_object", arguments)
                 sequential.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                await asyncio.gather(*(call(client, "point_to_object", arguments) for arguments in calls))
+                await asyncio.gather(*(call_ok(client, "point_to_object", arguments) for arguments in calls))
                 concurrent.append(time.perf_counter() - started)
             seq_s, con_s = statistics.median(sequential), statistics.median(concurrent)
             report[name] = {"sequential_s": seq_s, "concurrent_s": con_s, "ratio": seq_s / con_s}
