@@ -35,6 +35,14 @@ def require_for_gpu_test(ready: bool, message: str) -> None:
         pytest.fail(f"on this CUDA machine the gpu test cannot run: {message}")
 
 
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB image of random pixels (flat colours would make every image look alike to a model)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
+
+
 def png_bytes(width: int = 200, height: int = 100, color: tuple[int, int, int] = (30, 60, 200)) -> bytes:
     """A solid PNG of the given size."""
     buffer = io.BytesIO()

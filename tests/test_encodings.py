@@ -22,12 +22,9 @@ from vlm_tools.backends.encodings import EncodingCache  # noqa: E402
 from vlm_tools.images.store import ImageStore  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
 
+from helpers import noise_image  # noqa: E402
+
 SIZES = [(64, 64), (300, 100), (30, 120), (17, 9), (640, 480)]
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
 
 
 @pytest.fixture(params=["paligemma", "molmo2"])
@@ -46,7 +43,7 @@ def requests(count: int = 5, with_ids: bool = True) -> list[Request]:
     return [
         Request(
             Task.ANSWER,
-            noise(*SIZES[i], i),
+            noise_image(*SIZES[i], i),
             text=questions[i],
             max_new_tokens=8,
             image_id=f"img_{i}" if with_ids else None,
@@ -89,7 +86,7 @@ def test_a_follow_up_on_an_image_runs_no_encoder_and_answers_the_same(backend, m
     again = backend.run_batch(requests())  # the same images, by the same ids
     assert calls == [5]
     assert [o.raw for o in again] == [o.raw for o in first] and all(isinstance(o, Output) for o in first)
-    mixed = requests()[:2] + [Request(Task.CAPTION, noise(50, 40, 99), max_new_tokens=6, image_id="img_new")]
+    mixed = requests()[:2] + [Request(Task.CAPTION, noise_image(50, 40, 99), max_new_tokens=6, image_id="img_new")]
     backend.run_batch(mixed)
     assert calls == [5, 1]  # only the new image was encoded
     alone = [backend.run_batch([r])[0].raw for r in requests()]

@@ -16,10 +16,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from PIL import Image  # noqa: E402
-
 from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
+
+from helpers import noise_image  # noqa: E402
 
 HOSTILE = {
     "do_sample": True,
@@ -43,15 +43,10 @@ def with_generation_config(source: Path, target: Path, extra: dict[str, object])
     return target
 
 
-def noise(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
-
-
 REQUESTS = [
-    lambda i: Request(Task.CAPTION, noise(i), max_new_tokens=12),
-    lambda i: Request(Task.ANSWER, noise(i), text="what is this?", max_new_tokens=12),
-    lambda i: Request(Task.POINT, noise(i), text="the cat", max_new_tokens=12),
+    lambda i: Request(Task.CAPTION, noise_image(48, 40, i), max_new_tokens=12),
+    lambda i: Request(Task.ANSWER, noise_image(48, 40, i), text="what is this?", max_new_tokens=12),
+    lambda i: Request(Task.POINT, noise_image(48, 40, i), text="the cat", max_new_tokens=12),
 ]
 
 

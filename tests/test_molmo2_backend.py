@@ -21,6 +21,8 @@ from vlm_tools.geometry import NormPoint
 from vlm_tools.settings import Settings
 from vlm_tools.testing.tiny_molmo2 import IMAGE_TOKENS, build_tiny_molmo2
 
+from helpers import noise_image
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")  # Molmo2's image processor exists only as a torchvision backend
 
@@ -39,10 +41,8 @@ def backend(tiny_molmo2_dir: Path):
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A deterministic RGB noise image (a flat colour would make every image look alike to the model)."""
-    generator = torch.Generator().manual_seed(seed * 7919 + width * 31 + height)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy(), "RGB")
+    """Random pixels seeded by the size too, so one seed at two sizes gives two unrelated images."""
+    return noise_image(width, height, seed * 7919 + width * 31 + height)
 
 
 # Sizes chosen so that tiling differs from row to row (1 to 6 crops, landscape and portrait).

@@ -29,6 +29,8 @@ from vlm_tools.errors import Cancelled, InvalidArgument  # noqa: E402
 from vlm_tools.geometry import NormBox, NormPoint  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
 
+from helpers import noise_image  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def backend(tiny_paligemma_dir: Path) -> PaliGemmaBackend:
@@ -38,16 +40,9 @@ def backend(tiny_paligemma_dir: Path) -> PaliGemmaBackend:
     return loaded
 
 
-def noise_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
-    """A deterministic random-pixel image (flat colours make a random model's output less image-dependent)."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy(), "RGB")
-
-
 def request(task: Task, seed: int = 0, **fields: object) -> Request:
     fields.setdefault("max_new_tokens", 12)
-    return Request(task=task, image=noise_image(seed), **fields)  # type: ignore[arg-type]
+    return Request(task=task, image=noise_image(48, 40, seed), **fields)  # type: ignore[arg-type]
 
 
 def test_loads_through_the_public_path(backend: PaliGemmaBackend, tiny_paligemma_dir: Path) -> None:
@@ -68,7 +63,7 @@ def test_saved_model_round_trips_paligemma_tokens(backend: PaliGemmaBackend) -> 
     assert backend.model.config.image_token_id == ids[0]
     assert backend.model.config.text_config.vocab_size >= len(tokenizer)
     # The prompt layout PaliGemma needs: image tokens, <bos>, the prompt, and a "\n" that survives tokenising.
-    batch = backend.processor(text=["<image>caption en"], images=[noise_image(1)], return_tensors="pt")
+    batch = backend.processor(text=["<image>caption en"], images=[noise_image(48, 40, 1)], return_tensors="pt")
     text = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=False)
     image_tokens = backend.processor.image_seq_length
     assert text == "<image>" * image_tokens + "<bos>caption en\n"
@@ -245,7 +240,7 @@ def test_reserved_token_spellings_in_user_text_stay_text(backend: PaliGemmaBacke
     assert isinstance(outcome, Output)
     batch = backend.processor(
         text=["<image>" + backend.conventions.prompt(request(Task.ANSWER, text=question))],
-        images=[noise_image(0)],
+        images=[noise_image(48, 40, 0)],
         return_tensors="pt",
     )
     ids = batch["input_ids"][0].tolist()

@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from PIL import Image  # noqa: E402
-
 from vlm_tools.backends import generation  # noqa: E402
 from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
+
+from helpers import noise_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINED = REPO / "tests" / "fixtures" / "models" / "molmo2-ui"
@@ -25,14 +25,11 @@ SIZES = [(64, 64), (300, 100), (30, 120), (17, 9), (640, 480)]
 QUESTIONS = ["what?", "why is it so very red?", "x", "how many?", "where is the cat, if there is one?"]
 
 
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
-
-
 def requests(ids: bool = True, task: Task = Task.ANSWER) -> list[Request]:
     return [
-        Request(task, noise(*SIZES[i], i), text=QUESTIONS[i], max_new_tokens=10, image_id=f"img_{i}" if ids else None)
+        Request(
+            task, noise_image(*SIZES[i], i), text=QUESTIONS[i], max_new_tokens=10, image_id=f"img_{i}" if ids else None
+        )
         for i in range(len(SIZES))
     ]
 
@@ -100,7 +97,7 @@ def test_a_follow_up_question_reads_only_its_turn(backend) -> None:
 
 
 def test_one_image_asked_many_things_at_once_is_read_once(backend) -> None:
-    image = noise(200, 120, 7)
+    image = noise_image(200, 120, 7)
     batch = [Request(Task.ANSWER, image, text=q, max_new_tokens=6, image_id="shot") for q in QUESTIONS]
     reads = language_model_reads(backend)
     prefixed = via_prefixes(backend, batch)
