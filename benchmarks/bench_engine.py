@@ -227,14 +227,14 @@ INSTANT_RAW = "a blue rectangle on a plain background, seen from the front, with
 
 def instant_backend() -> Any:
     """A PaliGemma-shaped backend that answers at once: round trips through it cost only the server and protocol."""
-    from vlm_tools.backends.base import Backend, Output
-    from vlm_tools.backends.families import get_family
+    from vlm_tools.backends.base import BatchBackend, Output
+    from vlm_tools.families import get_family
 
-    class InstantBackend(Backend):
+    class InstantBackend(BatchBackend):
         name = "instant"
-        family = "paligemma"
-        native = get_family("paligemma").native
-        supported = get_family("paligemma").supported
+        family = get_family("paligemma")
+        native = family.native
+        supported = family.supported
 
         def run_batch(self, requests: Any) -> list[Any]:
             return [Output(raw=INSTANT_RAW, text=INSTANT_RAW) for _ in requests]

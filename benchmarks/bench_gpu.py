@@ -113,9 +113,9 @@ def processor_and_ids(family: str, config: Any) -> Any:
 def backend_class(family: str) -> Any:
     import importlib
 
-    from vlm_tools.backends.loading import BACKENDS
+    from vlm_tools.families import get_family
 
-    module, name = BACKENDS[family].split(":")
+    module, name = (get_family(family).local_backend or "").split(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -133,21 +133,24 @@ def random_backend(family: str, device: str, precision: str, cut_layers: int | N
     config = published_config(family, cut_layers)
     processor = processor_and_ids(family, config)
     cls = backend_class(family)
+    from vlm_tools.families import get_family
+
+    family_object = get_family(family)
     float_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     build_dtype = float_dtype.get(precision, torch.bfloat16)
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=build_dtype, attn_implementation=cls.attention)
+        model = AutoModelForImageTextToText.from_config(config, dtype=build_dtype, attn_implementation=family_object.attention)
     model.eval()
     name = f"random {FAMILIES[family]}"
     if precision in float_dtype:
-        return cls(name, model, processor, device=device)
+        return cls(name, family_object, model, processor, device=device)
     directory = scratch / f"{family}-{precision}"
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     del model
     free(device)
     settings = Settings(model=(str(directory),), device=device, dtype="bfloat16", quantize=precision)
-    return cls.load(str(directory), settings, local_files_only=True)
+    return cls.load(str(directory), family_object, settings, local_files_only=True)
 
 
 def without_stopping(backend: Any) -> None:

@@ -96,6 +96,7 @@ async def measure(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from vlm_tools.backends.loading import load_backend
     from vlm_tools.backends.remote import RemoteBackend
+    from vlm_tools.families import get_family
     from vlm_tools.settings import Settings
     from vlm_tools.testing.tiny_paligemma import build_tiny_paligemma
 
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "local": load_backend(str(source), Settings(model=(str(source),), device="cpu",
                                                         max_batch_size=args.max_batch_size)),
             **{
-                mode: RemoteBackend([server.url], server.model, "paligemma", concurrency=args.remote_concurrency,
+                mode: RemoteBackend([server.url], server.model, get_family("paligemma"), concurrency=args.remote_concurrency,
                                     timeout_s=600.0, max_batch_size=args.max_batch_size)
                 for mode, server in servers.items()
             },

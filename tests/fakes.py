@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from vlm_tools.backends.base import Backend, Outcome, Output, Request, Task
+from vlm_tools.backends.base import BatchBackend, Outcome, Output, Request, Task
 from vlm_tools.errors import Cancelled
+from vlm_tools.families import get_family
 
 ALL_TASKS = frozenset(Task)
 IMAGE = Image.new("RGB", (4, 4), (200, 30, 30))
@@ -67,7 +68,7 @@ def expected_raw(request: Request) -> str:
     return f"{request.task.value}|{request.text}|{request.max_new_tokens}"
 
 
-class FakeBackend(Backend):
+class FakeBackend(BatchBackend):
     """A backend whose behaviour is scripted; every batch it ran and every token it "generated" is recorded.
 
     Args:
@@ -80,7 +81,7 @@ class FakeBackend(Backend):
         oom_above: batches larger than this raise an out-of-memory error.
     """
 
-    family = "fake"
+    family = get_family("molmo2")  # only its name is read: routing by family, messages
 
     def __init__(
         self,

@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from vlm_tools.backends.base import Backend, Outcome, Request
+from vlm_tools.backends.base import Backend, BatchBackend, ConcurrentBackend, Outcome, Request
 from vlm_tools.settings import Settings
 
 
@@ -82,17 +83,37 @@ def settings_for(tmp_path: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-class Borrowed(Backend):
+class Borrowed(BatchBackend):
     """A backend lent to one server: a server's lifespan closes its backends on the way out, this one stays open
     for the next test."""
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: BatchBackend) -> None:
         self.inner = inner
         self.name, self.family, self.native, self.supported = inner.name, inner.family, inner.native, inner.supported
         self.max_batch_size, self.parallelism = inner.max_batch_size, inner.parallelism
 
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
         return self.inner.run_batch(requests)
+
+
+class BorrowedConcurrent(ConcurrentBackend):
+    """:class:`Borrowed` for a backend that answers each request on its own (a remote server)."""
+
+    def __init__(self, inner: ConcurrentBackend) -> None:
+        self.inner = inner
+        self.name, self.family, self.native, self.supported = inner.name, inner.family, inner.native, inner.supported
+        self.concurrency = inner.concurrency
+
+    def prefetch(self, request: Request) -> None:
+        self.inner.prefetch(request)
+
+    async def answer(self, request: Request) -> Any:
+        return await self.inner.answer(request)
+
+
+def borrowed(inner: Backend) -> Backend:
+    """``inner`` lent to one server (see :class:`Borrowed`)."""
+    return BorrowedConcurrent(inner) if isinstance(inner, ConcurrentBackend) else Borrowed(inner)  # type: ignore
 
 
 def loader(*backends: Backend) -> Callable[[Settings], Sequence[Backend]]:
@@ -128,3 +149,29 @@ def static_site(routes: Mapping[str, tuple[str, bytes]]) -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def answer_all(backend: Any, requests: Sequence[Request]) -> list[Any]:
+    """Ask a :class:`~vlm_tools.backends.base.ConcurrentBackend` every request at once, outside any event loop: one
+    output, or the error it raised, per request, in order."""
+    import asyncio
+
+    async def one(request: Request) -> Any:
+        try:
+            return await backend.answer(request)
+        except Exception as error:  # noqa: BLE001 - the error is the outcome the test checks
+            return error
+
+    async def every() -> list[Any]:
+        return list(await asyncio.gather(*(one(request) for request in requests)))
+
+    return asyncio.run(every())
+
+
+def run_requests(backend: Any, requests: Sequence[Request]) -> list[Any]:
+    """One outcome per request from any backend: a batch backend's ``run_batch``, a concurrent one's answers."""
+    from vlm_tools.backends.base import ConcurrentBackend
+
+    if isinstance(backend, ConcurrentBackend):
+        return answer_all(backend, requests)
+    return backend.run_batch(requests)

@@ -11,12 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from vlm_tools.backends.base import Backend, Outcome, Request, Task
-from vlm_tools.backends.families import get_family
+from vlm_tools.backends.base import BatchBackend, Outcome, Request, Task
 from vlm_tools.errors import Cancelled
+from vlm_tools.families import get_family
 
 
-class ScriptedBackend(Backend):
+class ScriptedBackend(BatchBackend):
     """Answers each request with ``script(request)`` and interprets it with the named family's parser."""
 
     def __init__(
@@ -29,12 +29,10 @@ class ScriptedBackend(Backend):
         max_batch_size: int = 8,
         gate: threading.Event | None = None,
     ) -> None:
-        fam = get_family(family)
-        self.conventions = fam
-        self.family = family
+        self.family = get_family(family)
         self.name = name or f"scripted-{family}"
-        self.native = fam.native
-        self.supported = fam.supported
+        self.native = self.family.native
+        self.supported = self.family.supported
         self.max_batch_size = max_batch_size
         self.script = script
         self.delay_s = delay_s
@@ -56,8 +54,8 @@ class ScriptedBackend(Backend):
             if request.cancel.is_set():
                 outcomes.append(Cancelled("cancelled"))
                 continue
-            self.conventions.prompt(request)  # the prompt must build for every request the server sends
-            outcomes.append(self.conventions.interpret(request, self.script(request)))
+            self.family.prompt(request)  # the prompt must build for every request the server sends
+            outcomes.append(self.family.interpret(request, self.script(request)))
         return outcomes
 
 

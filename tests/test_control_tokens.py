@@ -13,13 +13,17 @@ from pathlib import Path
 
 import pytest
 from fake_openai import FakeOpenAI, Reply
+from helpers import answer_all
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 from vlm_tools.backends.base import Request, Task
-from vlm_tools.backends.control_tokens import MOLMO, MOLMO2, PALIGEMMA, neutralise
-from vlm_tools.backends.families import get_family
+from vlm_tools.families import get_family
+from vlm_tools.families.base import neutralise
+from vlm_tools.families.molmo import CONTROL_TOKENS as MOLMO
+from vlm_tools.families.molmo2 import CONTROL_TOKENS as MOLMO2
+from vlm_tools.families.paligemma import CONTROL_TOKENS as PALIGEMMA
 from vlm_tools.testing.published import published_json
 
 ORDINARY = [
@@ -129,16 +133,16 @@ def test_local_and_remote_get_the_same_prompt(family: str, tiny_paligemma_dir: P
     request = Request(Task.ANSWER, Image.new("RGB", (40, 30), (5, 90, 200)), text=QUESTION, max_new_tokens=4)
     prompt = get_family(family).prompt(request)
     with FakeOpenAI(Reply(content="fine")) as fake:
-        remote = RemoteBackend((fake.url,), "served", family, timeout_s=5.0)
+        remote = RemoteBackend((fake.url,), "served", get_family(family), timeout_s=5.0)
         try:
-            remote.run_batch([request])
+            answer_all(remote, [request])
         finally:
             remote.close()
         sent = fake.chat_bodies[0]["messages"][0]["content"][1]["text"]
     assert sent == prompt
     assert "<b>this</b> 1 < 2?" in prompt  # ordinary text unchanged
     # What the local model reads: the same prompt, with no control token coming from the caller's text.
-    ids = local.prepare_inputs([request], [prompt])["input_ids"][0].tolist()
+    ids = local.reference_inputs([request], [prompt])["input_ids"][0].tolist()
     tokenizer = local.tokenizer
     text = tokenizer.decode(ids, skip_special_tokens=False)
     assert prompt in text

@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import noise_image  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlm_tools.backends import generation  # noqa: E402
@@ -21,8 +22,6 @@ from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
 from vlm_tools.backends.encodings import EncodingCache  # noqa: E402
 from vlm_tools.images.store import ImageStore  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
-
-from helpers import noise_image  # noqa: E402
 
 SIZES = [(64, 64), (300, 100), (30, 120), (17, 9), (640, 480)]
 
@@ -67,10 +66,10 @@ def count_encodings(backend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_reused_inputs_are_the_processors_token_for_token(backend) -> None:
     batch = requests()
-    prompts = [backend.conventions.prompt(r) for r in batch]
-    reference = backend.prepare_inputs(batch, prompts)
-    reused = backend.model_inputs(batch, prompts)
-    types = "mm_token_type_ids" if backend.family == "molmo2" else "token_type_ids"
+    prompts = [backend.family.prompt(r) for r in batch]
+    reference = backend.reference_inputs(batch, prompts)
+    reused = backend.encoded_inputs(batch, prompts) if backend.family.name == "molmo2" else backend.serving_inputs(batch, prompts)
+    types = "mm_token_type_ids" if backend.family.name == "molmo2" else "token_type_ids"
     for key in ("input_ids", "attention_mask", types):
         assert torch.equal(reference[key], reused[key]), key
     kwargs = {"eos_token_ids": backend.eos_token_ids, "pad_token_id": backend.pad_token_id}

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from vlm_tools.backends.base import Output, Request, Task
-from vlm_tools.backends.families import FAMILIES, Molmo, Molmo2, PaliGemma, get_family
 from vlm_tools.errors import InvalidArgument, UnsupportedByModel
+from vlm_tools.families import FAMILIES, Molmo, Molmo2, PaliGemma, get_family
 
 IMAGE = Image.new("RGB", (4, 4))
 
@@ -24,10 +24,9 @@ def loc(*bins: int) -> str:
 
 
 def test_registry() -> None:
-    assert set(FAMILIES) == {"paligemma", "molmo2", "molmo"}
-    for name, family in FAMILIES.items():
-        assert family.name == name
-        assert get_family(name) is family
+    assert {f.name for f in FAMILIES} == {"paligemma", "molmo2", "molmo"}
+    for family in FAMILIES:
+        assert get_family(family.name) is family
         assert family.native <= family.supported
     with pytest.raises(KeyError):
         get_family("llava")
@@ -46,8 +45,8 @@ CAPABILITIES = [
 
 @pytest.mark.parametrize(("name", "native", "supported"), [c for c in CAPABILITIES], ids=[c[0] for c in CAPABILITIES])
 def test_capabilities(name: str, native: set[Task], supported: set[Task]) -> None:
-    assert FAMILIES[name].native == native
-    assert FAMILIES[name].supported == supported
+    assert get_family(name).native == native
+    assert get_family(name).supported == supported
 
 
 PROMPTS = [
@@ -111,7 +110,7 @@ PROMPTS = [
 
 @pytest.mark.parametrize(("name", "request_", "expected"), [c[1:] for c in PROMPTS], ids=[c[0] for c in PROMPTS])
 def test_prompt(name: str, request_: Request, expected: str) -> None:
-    assert FAMILIES[name].prompt(request_) == expected
+    assert get_family(name).prompt(request_) == expected
 
 
 BAD_REQUESTS = [
@@ -129,7 +128,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(("name", "request_", "error"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_request(name: str, request_: Request, error: type[Exception]) -> None:
     with pytest.raises(error) as info:
-        FAMILIES[name].prompt(request_)
+        get_family(name).prompt(request_)
     assert str(info.value).startswith(f"{error.code}: ")  # type: ignore[attr-defined]
 
 
@@ -155,7 +154,7 @@ TEXT_ANSWERS = [
     ("name", "request_", "raw", "text"), [c[1:] for c in TEXT_ANSWERS], ids=[c[0] for c in TEXT_ANSWERS]
 )
 def test_interpret_text(name: str, request_: Request, raw: str, text: str) -> None:
-    out = FAMILIES[name].interpret(request_, raw)
+    out = get_family(name).interpret(request_, raw)
     assert out == Output(raw=raw, text=text)
 
 
@@ -225,7 +224,7 @@ def test_max_points_respected(name: str, max_points: int) -> None:
         + '" alt="x">x</points>',
         "molmo": "".join(f'<point x="{10 * i}" y="5" alt="x">x</point>' for i in range(1, 6)),
     }
-    out = FAMILIES[name].interpret(req(Task.POINT, text="x", max_points=max_points), raws[name])
+    out = get_family(name).interpret(req(Task.POINT, text="x", max_points=max_points), raws[name])
     assert len(out.points) == min(max_points, 5)
 
 
@@ -237,7 +236,7 @@ GARBAGE = ["", "<", '<loc0001><points coords="1 1', "\x00\x01 random ; <eos>", "
 @pytest.mark.parametrize("name", ["paligemma", "molmo2", "molmo"])
 def test_interpret_never_raises_on_odd_output(name: str, task: Task, raw: str) -> None:
     request = req(task, text="thing", labels=("thing",))
-    out = FAMILIES[name].interpret(request, raw)
+    out = get_family(name).interpret(request, raw)
     assert out.raw == raw
     for p in out.points:
         assert 0.0 <= p.x <= 1.0 and 0.0 <= p.y <= 1.0

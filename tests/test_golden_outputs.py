@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from vlm_tools.backends.base import Request, Task
-from vlm_tools.backends.families import get_family
+from vlm_tools.families import get_family
 from vlm_tools.parsing import molmo, molmo2
 
 CORPUS = json.loads((Path(__file__).parent / "golden" / "real_outputs.json").read_text())

@@ -16,10 +16,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import noise_image  # noqa: E402
+
 from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
-
-from helpers import noise_image  # noqa: E402
 
 HOSTILE = {
     "do_sample": True,
@@ -70,7 +70,7 @@ def test_a_hostile_generation_config_changes_nothing(
 
     raw_model = AutoModelForImageTextToText.from_pretrained(hostile).eval()
     assert raw_model.generation_config.repetition_penalty == HOSTILE["repetition_penalty"]
-    inputs = clean.prepare_inputs(requests, [clean.conventions.prompt(r) for r in requests])
+    inputs = clean.reference_inputs(requests, [clean.family.prompt(r) for r in requests])
     greedy = {"do_sample": False, "num_beams": 1, "max_new_tokens": 12, "pad_token_id": clean.pad_token_id}
     with torch.inference_mode():
         bent_tokens = raw_model.generate(**inputs, **greedy)

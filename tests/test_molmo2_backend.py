@@ -13,15 +13,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import noise_image
 from PIL import Image, ImageDraw
 
 from vlm_tools.backends.base import Output, Request, Task
 from vlm_tools.errors import Cancelled, InvalidArgument, UnsupportedByModel
-from vlm_tools.geometry import NormPoint
 from vlm_tools.settings import Settings
 from vlm_tools.testing.tiny_molmo2 import IMAGE_TOKENS, build_tiny_molmo2
-
-from helpers import noise_image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")  # Molmo2's image processor exists only as a torchvision backend
@@ -103,7 +101,7 @@ def test_decoding_keeps_point_markup(backend, text: str) -> None:
 
 
 def test_loads_as_molmo2_through_load_backend(backend, tiny_molmo2_dir: Path) -> None:
-    assert backend.family == "molmo2"
+    assert backend.family.name == "molmo2"
     assert backend.name == str(tiny_molmo2_dir)
     assert backend.supported == {Task.CAPTION, Task.ANSWER, Task.POINT, Task.OCR}
     assert Task.DETECT not in backend.supported
@@ -127,7 +125,7 @@ def test_every_task_reaches_the_model_through_the_published_template(
 ) -> None:
     """What the model reads: BOS (= <|im_end|>), the image hoisted to the front, then the one user turn."""
     request = Request(image=noise(96, 64, 1), max_new_tokens=12, **request_kwargs)
-    inputs = backend.prepare_inputs([request], [backend.conventions.prompt(request)])
+    inputs = backend.reference_inputs([request], [backend.family.prompt(request)])
     text = backend.processor.tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=False)
     assert text.startswith("<|im_end|>") and "<im_patch>" in text
     assert text.endswith(f"<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
@@ -141,7 +139,7 @@ def test_batch_of_mixed_image_sizes_equals_single_calls(backend) -> None:
         for i, ((w, h), q) in enumerate(zip(MIXED_SIZES, QUESTIONS, strict=True))
     ]
     # The batch is only a test of padding if rows really differ in image tokens and prompt length.
-    inputs = backend.prepare_inputs(requests, [backend.conventions.prompt(r) for r in requests])
+    inputs = backend.reference_inputs(requests, [backend.family.prompt(r) for r in requests])
     assert len({tuple(grid) for grid in inputs["image_grids"].tolist()}) >= 4
     assert len(set(inputs["attention_mask"].sum(dim=1).tolist())) >= 6
 
@@ -160,10 +158,10 @@ def test_per_row_max_new_tokens(backend) -> None:
         Request(task=Task.CAPTION, image=noise(*MIXED_SIZES[i], i), max_new_tokens=limit)
         for i, limit in enumerate(limits)
     ]
-    prompts = [backend.conventions.prompt(r) for r in requests]
+    prompts = [backend.family.prompt(r) for r in requests]
     rows = generate_rows(
         backend.model,
-        backend.prepare_inputs(requests, prompts),
+        backend.reference_inputs(requests, prompts),
         requests,
         eos_token_ids=backend.eos_token_ids,
         pad_token_id=backend.pad_token_id,
@@ -173,7 +171,7 @@ def test_per_row_max_new_tokens(backend) -> None:
         unlimited = Request(task=Task.CAPTION, image=request.image, max_new_tokens=max(limits))
         (alone,) = generate_rows(
             backend.model,
-            backend.prepare_inputs([unlimited], [prompt]),
+            backend.reference_inputs([unlimited], [prompt]),
             [unlimited],
             eos_token_ids=backend.eos_token_ids,
             pad_token_id=backend.pad_token_id,
@@ -226,7 +224,7 @@ def test_a_bad_request_fails_alone(backend) -> None:
 )
 def test_control_tokens_in_user_text_are_plain_text(backend, text: str) -> None:
     request = Request(task=Task.ANSWER, image=noise(50, 70), text=text, max_new_tokens=4)
-    inputs = backend.prepare_inputs([request], [backend.conventions.prompt(request)])
+    inputs = backend.reference_inputs([request], [backend.family.prompt(request)])
     tokenizer = backend.processor.tokenizer
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(tokenizer.convert_tokens_to_ids("<|image|>")) == 0  # the one placeholder was expanded

@@ -18,18 +18,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from helpers import noise_image  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlm_tools.backends import generation  # noqa: E402
 from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
-from vlm_tools.backends.families import get_family  # noqa: E402
 from vlm_tools.backends.loading import load_backend  # noqa: E402
 from vlm_tools.backends.paligemma_local import PaliGemmaBackend  # noqa: E402
 from vlm_tools.errors import Cancelled, InvalidArgument  # noqa: E402
-from vlm_tools.geometry import NormBox, NormPoint  # noqa: E402
+from vlm_tools.families import get_family  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
-
-from helpers import noise_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +46,7 @@ def request(task: Task, seed: int = 0, **fields: object) -> Request:
 def test_loads_through_the_public_path(backend: PaliGemmaBackend, tiny_paligemma_dir: Path) -> None:
     family = get_family("paligemma")
     assert backend.name == str(tiny_paligemma_dir)
-    assert backend.family == "paligemma"
+    assert backend.family.name == "paligemma"
     assert backend.native == family.native
     assert backend.supported == family.supported
     assert backend.max_batch_size == 8
@@ -86,7 +84,7 @@ def test_every_task_reaches_the_model_in_the_published_layout(
 ) -> None:
     """What the model reads for each task: the image tokens, <bos>, the task prefix, "\\n" — PaliGemma's layout."""
     req = request(task, **fields)
-    inputs = backend.prepare_inputs([req], [backend.conventions.prompt(req)])
+    inputs = backend.reference_inputs([req], [backend.family.prompt(req)])
     text = backend.tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=False)
     assert text == "<image>" * backend.processor.image_seq_length + f"<bos>{prompt}\n"
     assert inputs["token_type_ids"].sum() == 0  # the whole prompt is the bidirectional prefix
@@ -114,7 +112,7 @@ BATCH_CASES = [
 def test_batched_raw_text_equals_unbatched(backend: PaliGemmaBackend, task: Task, variants: list[dict]) -> None:
     requests = [request(task, seed=i, **v) for i, v in enumerate(variants)]
     # Prompts of different lengths get padded: that is what this test is about.
-    assert len({len(backend.conventions.prompt(r)) for r in requests}) > 1
+    assert len({len(backend.family.prompt(r)) for r in requests}) > 1
     batched = backend.run_batch(requests)
     alone = [backend.run_batch([r])[0] for r in requests]
     assert [o.raw for o in batched] == [o.raw for o in alone]
@@ -239,7 +237,7 @@ def test_reserved_token_spellings_in_user_text_stay_text(backend: PaliGemmaBacke
     (outcome,) = backend.run_batch([request(Task.ANSWER, text=question)])
     assert isinstance(outcome, Output)
     batch = backend.processor(
-        text=["<image>" + backend.conventions.prompt(request(Task.ANSWER, text=question))],
+        text=["<image>" + backend.family.prompt(request(Task.ANSWER, text=question))],
         images=[noise_image(48, 40, 0)],
         return_tensors="pt",
     )

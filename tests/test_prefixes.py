@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import noise_image  # noqa: E402
+
 from vlm_tools.backends import generation  # noqa: E402
 from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
-
-from helpers import noise_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINED = REPO / "tests" / "fixtures" / "models" / "molmo2-ui"
@@ -56,16 +56,16 @@ def language_model_reads(backend) -> list[int]:
 
 
 def via_processor(backend, batch: list[Request]) -> list[list[int]]:
-    prompts = [backend.conventions.prompt(r) for r in batch]
-    inputs = backend.prepare_inputs(batch, prompts)
+    prompts = [backend.family.prompt(r) for r in batch]
+    inputs = backend.reference_inputs(batch, prompts)
     return generation.generate_rows(
         backend.model, inputs, batch, eos_token_ids=backend.eos_token_ids, pad_token_id=backend.pad_token_id
     )
 
 
 def via_prefixes(backend, batch: list[Request]) -> list[list[int]]:
-    prompts = [backend.conventions.prompt(r) for r in batch]
-    inputs = backend.generation_inputs(batch, prompts)
+    prompts = [backend.family.prompt(r) for r in batch]
+    inputs = backend.serving_inputs(batch, prompts)
     return generation.generate_rows(
         backend.model, inputs, batch, eos_token_ids=backend.eos_token_ids, pad_token_id=backend.pad_token_id
     )
@@ -84,8 +84,8 @@ def test_read_on_from_prefixes_the_tokens_are_the_processors(backend) -> None:
 
 def test_a_follow_up_question_reads_only_its_turn(backend) -> None:
     first = requests()
-    prompts = [backend.conventions.prompt(r) for r in first]
-    turns = [len(backend._turn_ids(p)) for p in prompts]
+    prompts = [backend.family.prompt(r) for r in first]
+    turns = [len(backend.layout.turn_ids(p)) for p in prompts]
     reads = language_model_reads(backend)
     outcomes = backend.run_batch(first)
     prefix_lengths = [len(backend.encodings.get(r.image_id).prefix.token_ids) for r in first]

@@ -4,19 +4,19 @@ start-up checks, and that no user URL ever reaches an inference server (through 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_openai import DEFAULT_MODEL, FakeOpenAI, Reply, closed_port_url
-from helpers import png_bytes, settings_for, static_site
+from helpers import answer_all, png_bytes, settings_for, static_site
 from PIL import Image
 
 from vlm_tools.backends.base import Output, Request, Task
-from vlm_tools.backends.remote import RemoteBackend, family_from_name, load_remote_backends
+from vlm_tools.backends.remote import RemoteBackend, load_remote_backends
 from vlm_tools.errors import Busy, Cancelled, ConfigurationError, InvalidArgument, ModelError, Timeout
+from vlm_tools.families import family_from_name, get_family
 from vlm_tools.geometry import NormBox
 
 IMAGE = Image.new("RGB", (32, 24), (10, 200, 30))
@@ -31,7 +31,7 @@ def detect(label: str = "cat", **extra: object) -> Request:
 def backend(*urls: str, **options: object) -> RemoteBackend:
     values: dict[str, object] = {"timeout_s": 5.0, "backoff_s": (30.0, 30.0)}
     values.update(options)
-    return RemoteBackend(urls, DEFAULT_MODEL, "paligemma", **values)  # type: ignore[arg-type]
+    return RemoteBackend(urls, DEFAULT_MODEL, get_family("paligemma"), **values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def other() -> Iterator[FakeOpenAI]:
 
 
 def run_one(remote: RemoteBackend, request: Request | None = None) -> Output | BaseException:
-    (outcome,) = remote.run_batch([request or detect()])
+    (outcome,) = answer_all(remote, [request or detect()])
     return outcome
 
 
@@ -150,7 +150,7 @@ def test_reserved_tokens_in_user_text_are_broken_up(fake: FakeOpenAI) -> None:
 def test_an_invalid_request_fails_alone_and_is_never_sent(fake: FakeOpenAI) -> None:
     remote = backend(fake.url)
     try:
-        bad, good = remote.run_batch([Request(Task.ANSWER, IMAGE, text="   "), detect()])
+        bad, good = answer_all(remote, [Request(Task.ANSWER, IMAGE, text="   "), detect()])
     finally:
         remote.close()
     assert isinstance(bad, InvalidArgument)
@@ -163,7 +163,7 @@ def test_a_server_refusing_the_extra_parameters_gets_them_no_more() -> None:
         remote = backend(strict.url)
         try:
             # A concurrent batch: several requests carry the extras before the first refusal comes back.
-            assert remote.run_batch([detect() for _ in range(6)]) == [Output(raw=BOX_RAW, boxes=[BOX])] * 6
+            assert answer_all(remote, [detect() for _ in range(6)]) == [Output(raw=BOX_RAW, boxes=[BOX])] * 6
             assert run_one(remote) == Output(raw=BOX_RAW, boxes=[BOX])
         finally:
             remote.close()
@@ -273,7 +273,7 @@ def test_requests_spread_to_the_server_with_fewest_outstanding(fake: FakeOpenAI,
     fake.script = other.script = Reply(content=BOX_RAW, delay_s=0.3)
     remote = backend(fake.url, other.url, concurrency=3)
     try:
-        outcomes = remote.run_batch([detect() for _ in range(8)])
+        outcomes = answer_all(remote, [detect() for _ in range(8)])
     finally:
         remote.close()
     assert outcomes == [Output(raw=BOX_RAW, boxes=[BOX])] * 8
@@ -319,7 +319,7 @@ def test_one_outage_counts_once_however_many_requests_it_fails(fake: FakeOpenAI,
     clock = Clock()
     remote = backend(fake.url, other.url, backoff_s=(0.5, 30.0), clock=clock)
     try:
-        assert remote.run_batch([detect() for _ in range(6)]) == [Output(raw=BOX_RAW, boxes=[BOX])] * 6
+        assert answer_all(remote, [detect() for _ in range(6)]) == [Output(raw=BOX_RAW, boxes=[BOX])] * 6
         assert len(fake.chat_bodies) == 3 and len(other.chat_bodies) == 6
         clock.advance(0.49)
         assert not remote.pool.snapshot()[0]["up"]
@@ -337,7 +337,7 @@ def test_a_cancelled_request_is_never_sent(fake: FakeOpenAI) -> None:
     cancelled.cancel.set()
     remote = backend(fake.url)
     try:
-        first, second = remote.run_batch([cancelled, detect()])
+        first, second = answer_all(remote, [cancelled, detect()])
     finally:
         remote.close()
     assert isinstance(first, Cancelled)
@@ -346,24 +346,28 @@ def test_a_cancelled_request_is_never_sent(fake: FakeOpenAI) -> None:
 
 
 def test_cancelling_mid_flight_abandons_the_call(fake: FakeOpenAI) -> None:
+    import asyncio
+
     fake.script = Reply(content=BOX_RAW, delay_s=3.0)
-    slow = detect()
     remote = backend(fake.url)
 
-    def cancel_once_sent() -> None:
+    async def cancel_once_sent() -> float:
+        call = asyncio.ensure_future(remote.answer(detect()))
         deadline = time.monotonic() + 10
         while fake.in_flight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        slow.cancel.set()
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        return time.monotonic() - started
 
     try:
-        threading.Thread(target=cancel_once_sent, daemon=True).start()
-        (outcome,) = remote.run_batch([slow])
+        took = asyncio.run(cancel_once_sent())
         answered_meanwhile = fake.completed
     finally:
         remote.close()
-    assert isinstance(outcome, Cancelled)
-    assert answered_meanwhile == 0  # it returned without waiting for the server's answer
+    assert took < 1.0 and answered_meanwhile == 0  # it returned without waiting for the server's answer
 
 
 # --- start-up ------------------------------------------------------------------------------------------------
@@ -381,7 +385,8 @@ def test_cancelling_mid_flight_abandons_the_call(fake: FakeOpenAI) -> None:
     ],
 )
 def test_family_from_name(name: str, family: str | None) -> None:
-    assert family_from_name(name) == family
+    found = family_from_name(name)
+    assert (found.name if found else None) == family
 
 
 def test_start_up_reads_the_model_and_family_from_the_server(
@@ -393,8 +398,8 @@ def test_start_up_reads_the_model_and_family_from_the_server(
     (remote,) = load_remote_backends(settings)
     try:
         assert isinstance(remote, RemoteBackend)
-        assert (remote.name, remote.family) == (DEFAULT_MODEL, "paligemma")
-        assert remote.parallelism == 2 * (8 // 4)
+        assert (remote.name, remote.family.name) == (DEFAULT_MODEL, "paligemma")
+        assert remote.concurrency == 2 * 8  # every server's slots
         assert run_one(remote) == Output(raw=BOX_RAW, boxes=[BOX])
     finally:
         remote.close()
@@ -424,7 +429,7 @@ def test_start_up_with_explicit_model_and_family_needs_no_listing(tmp_path: Path
                                 remote_family="molmo2")  # fmt: skip
         (remote,) = load_remote_backends(settings)
         remote.close()
-    assert (remote.name, remote.family) == ("/srv/tiny", "molmo2")
+    assert (remote.name, remote.family.name) == ("/srv/tiny", "molmo2")
 
 
 def test_start_up_without_any_reachable_server_fails(tmp_path: Path) -> None:

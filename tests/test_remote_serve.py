@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Borrowed, data_uri, png_bytes, settings_for
+from helpers import borrowed, data_uri, png_bytes, run_requests, settings_for
 from PIL import Image
 
 from vlm_tools.backends.base import Backend, Output, Request, Task
 from vlm_tools.backends.remote import RemoteBackend, load_remote_backends
+from vlm_tools.families import get_family
 from vlm_tools.settings import Settings
 from vlm_tools.testing.inference_servers import InferenceServer, transformers_server, with_chat_template
 
@@ -88,13 +89,13 @@ def remote(servers: tuple[InferenceServer, InferenceServer], served_dir: Path, t
 
 
 def _one(backend: Backend, request: Request) -> Output:
-    (outcome,) = backend.run_batch([request])
+    (outcome,) = run_requests(backend, [request])
     assert isinstance(outcome, Output), outcome
     return outcome
 
 
 def test_the_remote_backend_is_a_paligemma_named_like_the_served_model(remote: Backend, served_dir: Path) -> None:
-    assert (remote.name, remote.family) == (str(served_dir), "paligemma")
+    assert (remote.name, remote.family.name) == (str(served_dir), "paligemma")
     assert Task.DETECT in remote.native and Task.POINT in remote.supported
 
 
@@ -123,7 +124,7 @@ def test_geometry_actually_came_back(remote: Backend, local: Backend) -> None:
 
 def test_a_batch_is_sent_concurrently_and_matches_local(remote: Backend, local: Backend) -> None:
     requests = [TASKS[task](image) for task in ("detect", "point") for image in IMAGES]
-    assert remote.run_batch(requests) == [_one(local, request) for request in requests]
+    assert run_requests(remote, requests) == [_one(local, request) for request in requests]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ async def test_the_same_tool_call_gives_the_same_result(
     image = data_uri(png_bytes(48, 36, (90, 160, 20)))
     results = []
     for backend in (local, remote):
-        server = build_server(settings_for(tmp_path), load_backends=lambda _s, b=backend: [Borrowed(b)])
+        server = build_server(settings_for(tmp_path), load_backends=lambda _s, b=backend: [borrowed(b)])
         async with Client(server) as client:
             result = await client.call_tool(tool, {"image": image, **arguments})
             assert not result.is_error, result
@@ -160,11 +161,11 @@ def test_killing_one_of_two_servers_mid_run_loses_no_request(
 ) -> None:
     """Runs last: it kills the second server. Requests in flight on it are retried on the survivor."""
     first, second = servers
-    remote = RemoteBackend([first.url, second.url], str(served_dir), "paligemma", concurrency=4, timeout_s=120)
+    remote = RemoteBackend([first.url, second.url], str(served_dir), get_family("paligemma"), concurrency=4, timeout_s=120)
     requests = [Request(Task.DETECT, image, labels=(label,), max_new_tokens=48)
                 for label in ("cat", "dog", "car", "cup") for image in IMAGES]  # fmt: skip
     outcomes: list[object] = []
-    runner = threading.Thread(target=lambda: outcomes.extend(remote.run_batch(requests)))
+    runner = threading.Thread(target=lambda: outcomes.extend(run_requests(remote, requests)))
     try:
         runner.start()
         deadline = time.monotonic() + 60

@@ -31,10 +31,11 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Borrowed, data_uri, pdf_of, png_of, settings_for
+from helpers import borrowed, data_uri, pdf_of, png_of, run_requests, settings_for
 
 from vlm_tools.backends.base import Backend, Output, Request, Task
 from vlm_tools.backends.remote import RemoteBackend, load_remote_backends
+from vlm_tools.families import get_family
 from vlm_tools.testing import ui_scenes
 from vlm_tools.testing.inference_servers import InferenceServer, vllm_server
 
@@ -106,7 +107,7 @@ def requests_for(scene: Any) -> list[Request]:
 
 
 def run(backend: Backend, requests: list[Request]) -> list[Output]:
-    outcomes = backend.run_batch(requests)
+    outcomes = run_requests(backend, requests)
     assert all(isinstance(o, Output) for o in outcomes), outcomes
     return outcomes  # type: ignore[return-value]
 
@@ -125,7 +126,7 @@ class ReadCausally:
 
 
 def test_the_server_reports_the_fixture_and_its_context(remote: Backend) -> None:
-    assert remote.family == "paligemma" and remote.name == str(FIXTURE)
+    assert remote.family.name == "paligemma" and remote.name == str(FIXTURE)
     assert isinstance(remote, RemoteBackend) and remote.max_model_len == MAX_MODEL_LEN
 
 
@@ -146,7 +147,7 @@ async def test_every_tool_answers_through_vllm(tmp_path: Path, remote: Backend) 
 
     scene = scenes(1)[0]
     image = data_uri(png_of(scene.image))
-    server = build_server(settings_for(tmp_path), load_backends=lambda _s: [Borrowed(remote)])
+    server = build_server(settings_for(tmp_path), load_backends=lambda _s: [borrowed(remote)])
     name = scene.target.name
     async with Client(server) as client:
         calls = {
@@ -197,7 +198,7 @@ def test_a_hostile_generation_config_changes_nothing(served: tuple[InferenceServ
     requests = [r for scene in scenes(3, seed=5) for r in requests_for(scene)]
     answers = []
     for server in (plain, hostile):
-        backend = RemoteBackend((server.url,), str(FIXTURE), "paligemma", max_model_len=MAX_MODEL_LEN)
+        backend = RemoteBackend((server.url,), str(FIXTURE), get_family("paligemma"), max_model_len=MAX_MODEL_LEN)
         try:
             answers.append([o.raw for o in run(backend, requests)])
         finally:
@@ -217,7 +218,7 @@ async def test_a_prompt_too_long_for_the_context_is_a_clear_tool_error(tmp_path:
 
     from vlm_tools.server import build_server
 
-    server = build_server(settings_for(tmp_path), load_backends=lambda _s: [Borrowed(remote)])
+    server = build_server(settings_for(tmp_path), load_backends=lambda _s: [borrowed(remote)])
     image = data_uri(png_of(scenes(1)[0].image))
     async with Client(server) as client:
         result = await client.call_tool("answer_about_image", {"image": image, "question": "why " * 150})
@@ -243,10 +244,10 @@ def test_killing_one_of_two_servers_mid_run_loses_no_call(served: tuple[Inferenc
     plain, hostile = served
     requests = [r for scene in scenes(12, seed=11) for r in requests_for(scene)[:2]]
     expected = [o.raw for o in run(remote, requests)]
-    pool = RemoteBackend((plain.url, hostile.url), str(FIXTURE), "paligemma", concurrency=4, timeout_s=120,
+    pool = RemoteBackend((plain.url, hostile.url), str(FIXTURE), get_family("paligemma"), concurrency=4, timeout_s=120,
                          max_model_len=MAX_MODEL_LEN)  # fmt: skip
     outcomes: list[Any] = []
-    runner = threading.Thread(target=lambda: outcomes.extend(pool.run_batch(requests)))
+    runner = threading.Thread(target=lambda: outcomes.extend(run_requests(pool, requests)))
     records = RecordedLogs()  # what the pool says (a server marked down…), straight from its logger
     logging.getLogger("vlm_tools.backends.remote_client").addHandler(records)
     try:

@@ -22,10 +22,6 @@ from typing import Any
 from . import __version__
 from .settings import Settings
 
-KNOWN_GATING = {"paligemma": "yes (every PaliGemma checkpoint is)", "molmo": "no (Molmo checkpoints are open)"}
-"""What a checkpoint's name says of its gating on the hub (licence acceptance and a token), for when the hub cannot
-be asked; the first name part found wins."""
-
 
 def run_doctor(settings: Settings, *, as_json: bool = False) -> int:
     """Print the report (text, or JSON with ``as_json``); always 0."""
@@ -45,7 +41,7 @@ def build_report(settings: Settings) -> dict[str, Any]:
         "python": {"version": platform.python_version(), "executable": sys.executable, "platform": platform.platform()},
         "packages": {name: _version(name) for name in ("torch", "torchvision", "transformers", "mcp", "pillow",
                                                        "pypdfium2", "httpx", "playwright")},  # fmt: skip
-        "bitsandbytes": _bitsandbytes(device["cuda"]["available"]),
+        "bitsandbytes": _bitsandbytes(str(device["chosen"]["device"])),
         "device": device,
         "hub": _hub(),
         "models": _models(settings, device) if settings.backend == "local" else _remote(settings),
@@ -93,17 +89,20 @@ def _device(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _bitsandbytes(cuda: bool) -> dict[str, Any]:
+def _bitsandbytes(device: str) -> dict[str, Any]:
     version = _version("bitsandbytes")
     if version is None:
         return {"installed": False, "usable": False, "note": "pip install 'vlm-tools[quantize]' for --quantize"}
-    if not cuda:
-        return {"installed": version, "usable": False, "note": "--quantize needs a CUDA GPU"}
+    from .backends.placement import quantization_support
+
+    why_not = quantization_support(device)
+    if why_not is not None:
+        return {"installed": version, "usable": False, "note": why_not}
     try:
         import bitsandbytes  # noqa: F401
     except Exception as error:  # a broken native library surfaces as any kind of error
         return {"installed": version, "usable": False, "note": f"import fails: {type(error).__name__}: {error}"}
-    return {"installed": version, "usable": True}
+    return {"installed": version, "usable": True, "on": device}
 
 
 def _hub() -> dict[str, Any]:
@@ -137,8 +136,7 @@ def _models(settings: Settings, device: dict[str, Any]) -> list[dict[str, Any]]:
             entry["source"] = "hub"
             entry["available"] = cached = is_cached(model)
             entry["cached"] = cached
-            known = next((said for part, said in KNOWN_GATING.items() if part in model.lower()), None)
-            entry["gated"] = _gated(model) if hub_reachable() else known or "unknown (the hub cannot be asked)"
+            entry["gated"] = _gated(model) if hub_reachable() else _gated_by_family(model)
             entry["token_set"] = get_token() is not None
         count = parameter_count(model, local_files_only=local_files_only(model))
         entry["parameters"] = count
@@ -147,6 +145,16 @@ def _models(settings: Settings, device: dict[str, Any]) -> list[dict[str, Any]]:
             entry["at"] = precision
         models.append(entry)
     return models
+
+
+def _gated_by_family(model: str) -> str:
+    """What the model's family says of its gating, for when the hub cannot be asked."""
+    from .families import family_from_name
+
+    family = family_from_name(model)
+    if family is None:
+        return "unknown (the hub cannot be asked)"
+    return f"yes (every {family.title} checkpoint is)" if family.gated else f"no ({family.title} checkpoints are open)"
 
 
 def _gated(model: str) -> str:

@@ -105,6 +105,10 @@ class ModelError(VlmToolsError):
     code = "model_error"
 
 
+class ModelBroken(ModelError):
+    """The model fails every request the same way (a broken checkpoint or configuration): not worth a retry."""
+
+
 class ShuttingDown(VlmToolsError):
     """The server is stopping and accepts no new work."""
 

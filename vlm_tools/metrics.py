@@ -39,6 +39,7 @@ class Metrics:
         queue_wait_seconds: histogram ``vlm_tools_queue_wait_seconds{tool}``: submit to start of its batch.
         run_seconds: histogram ``vlm_tools_run_seconds{tool}``: start of its batch to its answer.
         requests: counter ``vlm_tools_requests_total{tool,outcome,code}``: finished tool calls.
+        unreadable: counter ``vlm_tools_unreadable_outputs_total{model,tool}``: answers with markup not read.
     """
 
     def __init__(self) -> None:
@@ -71,6 +72,12 @@ class Metrics:
             "vlm_tools_requests",
             "Finished tool calls by outcome and error code.",
             ["tool", "outcome", "code"],
+            registry=self.registry,
+        )
+        self.unreadable = Counter(
+            "vlm_tools_unreadable_outputs",
+            "Answers holding geometry markup the family's parser could not read.",
+            ["model", "tool"],
             registry=self.registry,
         )
         self._counted_errors: weakref.WeakSet[BaseException] = weakref.WeakSet()
@@ -107,6 +114,10 @@ class Metrics:
             except TypeError:  # built-in exceptions take no weak references; only ours can be reported twice
                 pass
         self.record_request(tool, "error", str(getattr(error, "code", "") or "internal_error"))
+
+    def record_unreadable(self, model: str, tool: str) -> None:
+        """Count one answer of ``model`` whose geometry markup could not be read."""
+        self.unreadable.labels(model=model, tool=tool).inc()
 
     def record_batch(self, model: str, task: str, size: int) -> None:
         """Record one ``run_batch`` call of ``size`` requests."""

@@ -73,6 +73,12 @@ class Detection(_Model):
     box: Box
 
 
+_WARNINGS = (
+    "What to know before trusting the result, e.g. that the model's answer holds geometry in a form this server "
+    "could not read (then an empty result does not mean that nothing is there; see raw)."
+)
+
+
 class _ImageResult(_Model):
     image_id: str = Field(description="Handle for this image: pass it as `image` in later calls instead of the bytes.")
     image_size: ImageSize
@@ -99,6 +105,7 @@ class PointResult(_ImageResult):
     count: int = Field(description="Number of points returned.")
     found: bool = Field(description="False when the model found nothing matching the description.")
     frame: Frame | None = Field(default=None, description="The frame the frame_x/frame_y values refer to.")
+    warnings: list[str] = Field(default_factory=list, description=_WARNINGS)
 
 
 class DetectResult(_ImageResult):
@@ -108,6 +115,7 @@ class DetectResult(_ImageResult):
     count: int
     found: bool
     frame: Frame | None = None
+    warnings: list[str] = Field(default_factory=list, description=_WARNINGS)
 
 
 class PageSizePoints(_Model):

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from .backends.base import Backend, Task
 from .errors import ConfigurationError, UnsupportedByModel
+from .families import suggest_for_task
 
 TOOL_TASKS: dict[str, Task] = {
     "describe_image": Task.CAPTION,
@@ -17,15 +18,6 @@ TOOL_TASKS: dict[str, Task] = {
     "point_to_object": Task.POINT,
     "detect": Task.DETECT,
     "read_document": Task.OCR,
-}
-
-# What to tell a user whose loaded models cannot do a task: the family that does it natively.
-_FAMILY_FOR_TASK: dict[Task, str] = {
-    Task.DETECT: "PaliGemma 2 (e.g. --model google/paligemma2-3b-mix-448)",
-    Task.POINT: "Molmo2 (e.g. --model allenai/Molmo2-4B) or PaliGemma 2",
-    Task.CAPTION: "Molmo2 or PaliGemma 2",
-    Task.ANSWER: "Molmo2 or PaliGemma 2",
-    Task.OCR: "Molmo2 or PaliGemma 2",
 }
 
 
@@ -46,12 +38,10 @@ class Router:
 
     def _named(self, tool: str, task: Task, wanted: str) -> Backend:
         for backend in self.backends:
-            if wanted in (backend.name, backend.family):
+            if wanted in (backend.name, backend.family.name):
                 if task not in backend.supported:
-                    raise ConfigurationError(
-                        f"route {tool}={wanted}: a {backend.family} model cannot do {task.value}; "
-                        f"use {_FAMILY_FOR_TASK[task]}"
-                    )
+                    raise ConfigurationError(f"route {tool}={wanted}: a {backend.family.name} model cannot do "
+                                             f"{task.value}; use {suggest_for_task(task)}")  # fmt: skip
                 return backend
         names = ", ".join(b.name for b in self.backends)
         raise ConfigurationError(f"route {tool}={wanted}: no loaded model is called that (loaded: {names})")
@@ -70,11 +60,9 @@ class Router:
         backend = self._routes.get(tool)
         if backend is None:
             task = TOOL_TASKS[tool]
-            loaded = ", ".join(f"{b.name} ({b.family})" for b in self.backends)
-            raise UnsupportedByModel(
-                f"{tool} needs a model that can do {task.value}; the loaded models ({loaded}) cannot. "
-                f"Start the server with {_FAMILY_FOR_TASK[task]}."
-            )
+            loaded = ", ".join(f"{b.name} ({b.family.name})" for b in self.backends)
+            raise UnsupportedByModel(f"{tool} needs a model that can do {task.value}; the loaded models ({loaded}) "
+                                     f"cannot. Start the server with {suggest_for_task(task)}.")  # fmt: skip
         return backend
 
     def table(self) -> dict[str, str | None]:

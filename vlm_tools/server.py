@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from . import __version__
 from .backends.base import Backend
 from .engine import Engine
-from .errors import InvalidArgument, VlmToolsError
+from .errors import InvalidArgument
 from .images.sources import ImageSources
 from .images.store import ImageStore
 from .metrics import Metrics
@@ -48,10 +48,12 @@ Vision tools backed by a resident vision-language model.
 
 
 class VisionServer(MCPServer):
-    """MCPServer that turns the project's errors into tool errors whose message starts with the code.
+    """MCPServer that says what was wrong with a tool's arguments in the project's words.
 
-    It also holds what the HTTP routes need: the metrics, and the runtime while the lifespan is active (``None``
-    before the models are loaded and after shutdown began).
+    The tools answer their own errors (:func:`~vlm_tools.tools.answers_errors`); arguments that fail the input
+    schema never reach them, and the SDK reports those as a :class:`ToolError` whose ``__cause__`` is the
+    pydantic ``ValidationError`` (its documented contract for :meth:`MCPServer.call_tool`): they are said here as
+    ``invalid_argument: …``. It also holds what the HTTP routes need: the metrics, and the runtime.
     """
 
     def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
@@ -63,14 +65,11 @@ class VisionServer(MCPServer):
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ValidationError):
-                cause = InvalidArgument(_describe_validation(cause))
-            if not isinstance(cause, VlmToolsError):
+            if not isinstance(exc.__cause__, ValidationError):
                 raise
-            # Counted once per error object: errors the engine raised are already counted there.
-            self.metrics.record_error(name, cause)
-            raise ToolError(str(cause)) from exc.__cause__
+            error = InvalidArgument(_describe_validation(exc.__cause__))
+            self.metrics.record_error(name, error)
+            raise ToolError(str(error)) from exc.__cause__
 
 
 def _describe_validation(error: ValidationError) -> str:

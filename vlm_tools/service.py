@@ -94,7 +94,8 @@ class VisionService:
         got = await self._ask("point_to_object", image, scope, text=description, max_points=max_points)
         size = got.stored.size
         points = [point_result(p, size, frame, source=got.output.point_source) for p in got.output.points]
-        result = PointResult(**_common(got), points=points, count=len(points), found=bool(points), frame=frame)
+        result = PointResult(**_common(got), points=points, count=len(points), found=bool(points), frame=frame,
+                             warnings=self._unread("point_to_object", got, "point"))  # fmt: skip
         return result, await _drawn(annotate, draw_points, got.stored, points)
 
     async def detect(
@@ -108,8 +109,9 @@ class VisionService:
         size = got.stored.size
         detections = [Detection(label=b.label or "", box=box_result(b, size, frame)) for b in got.output.boxes]
         result = DetectResult(
-            **_common(got), detections=detections, count=len(detections), found=bool(detections), frame=frame
-        )
+            **_common(got), detections=detections, count=len(detections), found=bool(detections), frame=frame,
+            warnings=self._unread("detect", got, "box"),
+        )  # fmt: skip
         return result, await _drawn(annotate, draw_detections, got.stored, detections)
 
     async def read_document(
@@ -176,6 +178,19 @@ class VisionService:
         if failures:
             raise failures[0]
         return [read[index] for index in range(total)]
+
+    def _unread(self, tool: str, got: Answer, what: str) -> list[str]:
+        """A warning (and a count in the metrics) when the model's answer holds geometry its parser could not read,
+        so that "found nothing" and "could not read it" differ."""
+        if not got.output.unreadable:
+            return []
+        self.runtime.metrics.record_unreadable(got.model, tool)
+        count = got.output.unreadable
+        return [
+            f"the model's answer holds {count} piece{'s' if count > 1 else ''} of {what} markup this server could not "
+            "read (another syntax, or values out of range; see raw): an empty or short result does not mean that "
+            "nothing more is there"
+        ]
 
     # --- the spine ----------------------------------------------------------------------------------------
 

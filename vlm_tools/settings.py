@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODELS = ("allenai/Molmo2-4B", "google/paligemma2-3b-mix-448")
+from .families import FAMILIES, default_models
+
+DEFAULT_MODELS = default_models()
 
 TOOLS = ("describe_image", "answer_about_image", "point_to_object", "detect", "read_document")
 
@@ -58,26 +60,29 @@ class Settings(BaseSettings):
     )
     model: tuple[str, ...] = Field(
         DEFAULT_MODELS,
-        description="Local backend: hub id or local directory of a model (repeatable; each stays resident). "
-        "The family is read from the model's config.",
+        description="Local backend: hub id (pin a revision with id@commit) or local directory of a model "
+        "(repeatable; each stays resident). The family is read from the model's config.",
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="Where local models run.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."
+        "auto", description="Weights dtype (auto: bfloat16 on GPUs that compute in it, float16 on older GPUs, float32 "
+        "on the CPU and MPS; a family that overflows in float16 runs in float32 instead)."
     )
     quantize: Literal["none", "4bit", "8bit"] = Field(
-        "none", description="Quantise local models with bitsandbytes (CUDA only)."
+        "none", description="Quantise local models with bitsandbytes (CUDA GPUs and x86-64 CPUs)."
     )
     route: tuple[str, ...] = Field(
         (),
-        description="Route a tool to a model: TOOL=MODEL (repeatable), e.g. point_to_object=google/paligemma2-3b-mix-448.",
+        description="Route a tool to a model: TOOL=MODEL (repeatable), MODEL a loaded model's name or a family name, "
+        "e.g. point_to_object=/models/my-finetune.",
     )
     base_url: tuple[str, ...] = Field(
         (), description="openai backend: base URL of an inference server, e.g. http://gpu1:8000/v1 (repeatable)."
     )
     remote_model: str | None = Field(None, description="openai backend: the model name the server serves.")
-    remote_family: Literal["auto", "paligemma", "molmo2", "molmo"] = Field(
-        "auto", description="openai backend: model family (auto: read from the model name the server reports)."
+    remote_family: str = Field(
+        "auto", description="openai backend: model family, " + ", ".join(f.name for f in FAMILIES)
+        + " (auto: read from the model name the server reports).",
     )
     api_key_env: str = Field(
         "VLM_TOOLS_API_KEY", description="openai backend: name of the environment variable holding the API key."
@@ -103,9 +108,9 @@ class Settings(BaseSettings):
     image_store_bytes: int = Field(1_000_000_000, ge=1, description="Most bytes of decoded images kept for reuse.")
     encoding_cache_bytes: int = Field(
         2_000_000_000, ge=0,
-        description="Most bytes (device memory) of image encodings kept for reuse by image_id (for Molmo2 with the "
-        "image's KV prefix: ~180 MB per 1280x800 screenshot on Molmo2-4B in bfloat16; with --backend openai, of the "
-        "PNG data URIs sent).",
+        description="Most bytes (device memory) of image encodings kept for reuse by image_id (with the image's KV "
+        "prefix where the model keeps one: ~180 MB per 1280x800 screenshot on a 4B model in bfloat16; with "
+        "--backend openai, of the PNG data URIs sent).",
     )
     max_pages: int = Field(50, ge=1, description="Most PDF pages read in one read_document call.")
     page_long_side: int = Field(2048, ge=64, le=10_000, description="Long side in pixels of a rendered PDF page.")
@@ -127,6 +132,14 @@ class Settings(BaseSettings):
     @classmethod
     def _resolve_paths(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
         return tuple(Path(p).expanduser().resolve() for p in value)
+
+    @field_validator("remote_family")
+    @classmethod
+    def _check_family(cls, value: str) -> str:
+        names = [f.name for f in FAMILIES]
+        if value != "auto" and value not in names:
+            raise ValueError(f"remote_family {value!r} must be auto or one of {', '.join(names)}")
+        return value
 
     @field_validator("route")
     @classmethod

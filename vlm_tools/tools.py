@@ -9,9 +9,10 @@ paragraphs: an agent reads them as they are, so they carry no source indentation
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from .errors import VlmToolsError
 from .results import AnswerResult, DescribeResult, DetectResult, DocumentResult, Frame, PointResult
 from .service import Runtime, VisionService
 from .settings import Settings
@@ -148,6 +150,29 @@ async def read_document(document: DocumentArg, ctx: Context, pages: PagesArg = N
     return await service_of(ctx).read_document(document, scope_of(ctx), pages=pages, progress=ctx.report_progress)
 
 
+def answers_errors(function: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap a tool so that an expected failure is its answer: a tool error (``isError``) whose text is the error's
+    stable code and message, exactly (``invalid_image: …``), counted in the metrics once.
+
+    The SDK's own ``ToolError`` would reach the client prefixed with "Error executing tool X:"; a returned error
+    result is the SDK's documented way to choose the whole text. ``functools.wraps`` keeps the tool's signature,
+    so its input and output schemas are the function's.
+    """
+
+    @functools.wraps(function)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await function(*args, **kwargs)
+        except VlmToolsError as error:
+            ctx = kwargs.get("ctx")
+            metrics = getattr(getattr(ctx, "mcp_server", None), "metrics", None)
+            if metrics is not None:
+                metrics.record_error(function.__name__, error)
+            return CallToolResult(content=[TextContent(type="text", text=str(error))], is_error=True)
+
+    return call
+
+
 @dataclass(frozen=True)
 class Tool:
     """One tool of the table: its function (name, parameters and docstring are the tool's) and its title."""
@@ -180,4 +205,4 @@ def register_tools(server: MCPServer, settings: Settings) -> None:
             title=tool.title, read_only_hint=True, destructive_hint=False, idempotent_hint=True,
             open_world_hint=settings.allow_urls,
         )  # fmt: skip
-        server.tool(description=plain(tool.function.__doc__), annotations=annotations)(tool.function)
+        server.tool(description=plain(tool.function.__doc__), annotations=annotations)(answers_errors(tool.function))

@@ -74,7 +74,7 @@ def _molmo2_recipe(s: dict[str, Any], who: str, layer: str, are: str) -> str:
     return (
         "Data: scenes from `ui_scenes` at the training canvas sizes (landscape, portrait, square). Prompt: "
         "`FAMILIES['molmo2'].prompt(...)` for the point task (`Point to the {colour} {shape}.`). Inputs: "
-        "`Molmo2Backend.prepare_inputs` (chat template, overlapping crops + low-resolution view, left padding), the "
+        "`Molmo2Backend.reference_inputs` (chat template, overlapping crops + low-resolution view, left padding), the "
         "answer and `<|im_end|>` appended, position ids from the attention mask as `generate` derives them. Loss: "
         "cross-entropy on answer tokens only; the hundreds and tens digits of each coordinate Gaussian-smoothed over "
         f"neighbouring digits (0.8 digits wide narrowing to 0.15).{slipped} Tokenizer: byte-level BPE learnt from "

@@ -2,7 +2,7 @@
 
 ``Point to the {colour} {shape}.`` → ``<points coords="1 1 XXX YYY" alt="…">…</points>``: one point at the
 target's centre in Molmo2's native format, prompt inputs from
-:meth:`vlm_tools.backends.molmo2_local.Molmo2Backend.prepare_inputs`.
+:meth:`vlm_tools.backends.molmo2_local.Molmo2Backend.reference_inputs`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_tools.backends.base import Backend, Task
-from vlm_tools.backends.families import get_family
+from vlm_tools.families import get_family
 from vlm_tools.testing import ui_scenes
 from vlm_tools.testing.ui_scenes import Scene
 
@@ -62,7 +62,7 @@ def molmo2_answer(scene: Scene) -> str:
 def _molmo2_corpus() -> list[str]:
     """What the tokenizer's merges are learnt from: every prompt and answer shape the model is taught, the other
     tasks' prompts, and the chat markup."""
-    from vlm_tools.backends.families import Molmo2 as Molmo2Family
+    from vlm_tools.families.molmo2 import Molmo2 as Molmo2Family
 
     lines = []
     rng = random.Random(0)
@@ -143,7 +143,7 @@ class _Molmo2Training:
 
     def make_backend(self) -> Backend:
         """The real backend class around the model being trained."""
-        return self.backend_class("training", self.model, self.processor, device="cpu", max_batch_size=8)
+        return self.backend_class("training", self.family, self.model, self.processor, device="cpu", max_batch_size=8)
 
     def make_backends(self) -> dict[str, Backend]:
         """The one backend the held-out check decodes through (Molmo2 has one attention mode)."""
@@ -160,7 +160,7 @@ class _Molmo2Training:
         """Model inputs, labels, digit values and attention targets for ``scenes``."""
         requests = [request_for(Task.POINT, s, 1) for s in scenes]
         # The exact inputs generate() gets: chat template, crops, left padding, control-token sanitising.
-        prompt = self.builder.prepare_inputs(requests, [self.family.prompt(r) for r in requests])
+        prompt = self.builder.reference_inputs(requests, [self.family.prompt(r) for r in requests])
         truths, answers, inputs = self._answers(scenes)
         width = max(len(a) for a in answers)
         rows = len(scenes)
@@ -231,7 +231,7 @@ class _Molmo2Training:
 
 
 def molmo2_recipe(size: Molmo2Size, settings: TrainSettings) -> Recipe:
-    """Molmo2: its point prompt → its native points; prompt inputs from :meth:`Molmo2Backend.prepare_inputs`."""
+    """Molmo2: its point prompt → its native points; prompt inputs from :meth:`Molmo2Backend.reference_inputs`."""
     run = _Molmo2Training(size, settings)
     return Recipe(
         "molmo2", run.model, run.processor, run.make_backends, run.build_batch, run.loss, Task.POINT,

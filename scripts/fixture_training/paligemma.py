@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_tools.backends.base import Backend, Request, Task
-from vlm_tools.backends.families import get_family
+from vlm_tools.families import get_family
 from vlm_tools.testing import ui_scenes
 from vlm_tools.testing.ui_scenes import Scene
 
@@ -197,7 +197,7 @@ class _PaliGemmaTraining:
 
         kinds = {"prefix": PaliGemmaBackend} | ({"causal": _causal_backend()} if self.settings.causal_share else {})
         return {
-            mode: kind("training", self.model, self.processor, device="cpu", max_batch_size=8)
+            mode: kind("training", self.family, self.model, self.processor, device="cpu", max_batch_size=8)
             for mode, kind in kinds.items()
         }
 

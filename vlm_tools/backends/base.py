@@ -1,8 +1,9 @@
 """The backend contract: what the engine hands a model and what it gets back.
 
-A backend is loaded once and kept resident. It declares what it can do, takes a *batch* of requests of one task
-and returns one outcome per request (an :class:`Output` or the exception that request alone caused). Local
-backends are the only code that touches torch; this module must stay importable without it.
+A backend is kept resident and serves one model of one family. A :class:`BatchBackend` (a model in this process)
+takes a *batch* of requests of one task on a worker thread and returns one outcome per request; a
+:class:`ConcurrentBackend` (an inference server, a Ray Serve deployment) answers each request on its own, many at
+once, on the event loop. This module must stay importable without torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..geometry import NormBox, NormPoint, PointSource
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from ..families.base import Family
 
 
 class Task(str, Enum):
@@ -84,6 +87,8 @@ class Output:
     points: list[NormPoint] = field(default_factory=list)
     boxes: list[NormBox] = field(default_factory=list)
     point_source: PointSource = "native"
+    unreadable: int = 0
+    """Pieces of geometry markup in ``raw`` the family's parser could not read (another syntax, out of range)."""
 
 
 Outcome = Output | BaseException
@@ -95,17 +100,35 @@ class Backend(ABC):
 
     Attributes:
         name: the model id or directory it was loaded from (what results report as ``model``).
-        family: ``"paligemma"``, ``"molmo2"`` or ``"molmo"``.
+        family: its :class:`~vlm_tools.families.base.Family`: prompts, parser, what its checkpoints need.
         native: tasks the model does natively.
         supported: tasks it can serve at all (a superset of ``native``: PaliGemma points by box centres).
-        max_batch_size: most requests it takes in one :meth:`run_batch`.
-        parallelism: how many batches may run at once (1 for a local model; more for a remote server).
     """
 
     name: str
-    family: str
+    family: Family
     native: frozenset[Task]
     supported: frozenset[Task]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the backend holds (GPU memory, connections)."""
+
+    def forget_image(self, image_id: str) -> None:  # noqa: B027 - optional hook
+        """Drop whatever the backend keeps of an image that left the image store."""
+
+    def prefetch(self, request: Request) -> None:  # noqa: B027 - optional hook
+        """Start work on ``request`` that can run before it does (the engine calls it on admission, on the event
+        loop: it must hand heavy work to a thread and return at once)."""
+
+
+class BatchBackend(Backend):
+    """A model that runs requests in batches, one batch at a time, on the engine's worker thread(s).
+
+    Attributes:
+        max_batch_size: most requests it takes in one :meth:`run_batch`.
+        parallelism: how many batches may run at once (1 for a model in this process).
+    """
+
     max_batch_size: int = 8
     parallelism: int = 1
 
@@ -113,11 +136,9 @@ class Backend(ABC):
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
         """Run requests of one task together; return one outcome per request, in order.
 
-        Raising means the batch as a whole failed (the engine then retries its requests one by one).
+        Raising means the batch as a whole failed: the engine then isolates the request that caused it, unless
+        the error is a :class:`~vlm_tools.errors.ModelBroken` (every request would fail the same way).
         """
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release what the backend holds (GPU memory, connections)."""
 
     def is_oom(self, error: BaseException) -> bool:
         """Whether ``error`` means the device ran out of memory (the engine then splits the batch)."""
@@ -126,8 +147,16 @@ class Backend(ABC):
     def free_memory(self) -> None:  # noqa: B027 - optional hook
         """Give cached device memory back after an out-of-memory error."""
 
-    def forget_image(self, image_id: str) -> None:  # noqa: B027 - optional hook
-        """Drop whatever the backend keeps of an image that left the image store."""
 
-    def prefetch(self, request: Request) -> None:  # noqa: B027 - optional hook
-        """Start work on ``request`` that can run before its batch (the engine calls it on admission)."""
+class ConcurrentBackend(Backend):
+    """A model served elsewhere that answers each request on its own (the server batches them itself).
+
+    Attributes:
+        concurrency: how many requests may be in flight at once.
+    """
+
+    concurrency: int = 16
+
+    @abstractmethod
+    async def answer(self, request: Request) -> Output:
+        """The output for ``request``; raises its typed error. Cancelling the awaiting task abandons the call."""

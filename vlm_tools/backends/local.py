@@ -1,21 +1,11 @@
 """A model resident in this process: loading, and the batched greedy path every local family shares.
 
-One ``run_batch`` call reads top-down:
-
-1. each request's prompt from its family (:mod:`vlm_tools.backends.families`); a request that was cancelled before
-   the start, or whose prompt cannot be built, fails alone in its slot;
-2. :meth:`LocalBackend.model_inputs` — the left-padded batch, with each image's encoding (the family's processor
-   and vision encoder) taken from what was made of that image before when there is one (:meth:`image_encodings`);
-3. one greedy ``generate`` for the live rows (:func:`~vlm_tools.backends.generation.generate_rows`);
-4. each row's new tokens decoded and read by the family's parser.
-
-Images are encoded ahead of their batch: :meth:`LocalBackend.prefetch` (the engine calls it when a request is
-admitted) encodes a request's image on one of a few threads of their own, so the processor's CPU work and the
-vision encoder of the next batch run while the current batch generates. What ``generate`` is given is
-:meth:`LocalBackend.generation_inputs`: :meth:`model_inputs` itself, or, for Molmo2, the rows read on from each
-image's kept prefix. A family's file (``paligemma_local.py``, ``molmo2_local.py``) holds only what differs: its
-processor call (:meth:`prepare_inputs`, the reference path), how it encodes images and lays a prompt out around an
-encoding. Imported only when a local model loads.
+:meth:`LocalBackend.run_batch` reads top-down: each request's prompt from its family, :meth:`serving_inputs` (the
+left-padded batch, each image's encoding reused or made), one greedy ``generate``
+(:func:`~vlm_tools.backends.generation.generate_rows`), and each row decoded and read by the family's parser. A
+family's backend file holds only what differs: its processor call (:meth:`reference_inputs`), how it encodes
+images and lays a prompt out around an encoding. Images are encoded ahead of their batch on a few threads of their
+own (:meth:`prefetch`). Imported only when a local model loads.
 """
 
 from __future__ import annotations
@@ -25,18 +15,18 @@ import logging
 import os
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Cancelled, ModelError, VlmToolsError
 from . import generation, placement
-from .base import Backend, Outcome, Request
+from .base import BatchBackend, Outcome, Request
 from .encodings import EncodingCache
-from .families import get_family
-from .hub import model_unavailable
+from .hub import ModelRef, model_unavailable
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from ..families.base import Family
     from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,11 +43,12 @@ def prefetch_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-class LocalBackend(Backend):
-    """A resident model of one family; subclasses set :attr:`family` and fill in the hooks.
+class LocalBackend(BatchBackend):
+    """A resident model of one family; subclasses fill in the hooks.
 
     Args:
         name: what results report as ``model`` (the hub id or directory it was loaded from).
+        family: the model's family (prompts, parser).
         model: the transformers model, in eval mode, on ``device``.
         processor: its processor; the tokenizer pads on the left, where generation continues every row.
         device: where the model runs.
@@ -65,17 +56,14 @@ class LocalBackend(Backend):
         encoding_cache_bytes: most bytes of image encodings kept for reuse (device memory).
     """
 
-    attention: ClassVar[str | dict[str, str]] = "sdpa"
-    """The attention kernel to load with: the fastest exact one the family's transformers classes support."""
-
     def __init__(
-        self, name: str, model: Any, processor: Any, *, device: str, max_batch_size: int = 8,
+        self, name: str, family: Family, model: Any, processor: Any, *, device: str, max_batch_size: int = 8,
         encoding_cache_bytes: int = DEFAULT_ENCODING_CACHE_BYTES,
     ) -> None:  # fmt: skip
         self.name = name
-        self.conventions = get_family(self.family)
-        self.native = self.conventions.native
-        self.supported = self.conventions.supported
+        self.family = family
+        self.native = family.native
+        self.supported = family.supported
         self.max_batch_size = max_batch_size
         self.model = model
         self.processor = processor
@@ -89,26 +77,27 @@ class LocalBackend(Backend):
         self._prefetcher = concurrent.futures.ThreadPoolExecutor(prefetch_workers(), thread_name_prefix="vlm-prefetch")
 
     @classmethod
-    def load(cls, model: str, settings: Settings, *, local_files_only: bool = False) -> LocalBackend:
+    def load(cls, model: str, family: Family, settings: Settings, *, local_files_only: bool = False) -> LocalBackend:
         """Load processor and weights from a hub id or a ``save_pretrained`` directory, straight onto the device
         (from the local cache only with ``local_files_only``).
 
-        The checkpoints' own repository code (``auto_map``) never runs: both families are native in transformers.
+        The checkpoints' own repository code (``auto_map``) never runs: the families are native in transformers.
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        place = placement.Placement.from_settings(settings.device, settings.dtype, settings.quantize, cls.attention)
+        place = placement.Placement.for_family(family, settings)
+        ref = ModelRef.parse(model)
         try:
-            local = {"trust_remote_code": False, "local_files_only": local_files_only}
-            processor = AutoProcessor.from_pretrained(model, **local)
-            network = AutoModelForImageTextToText.from_pretrained(model, **local, **place.kwargs)
+            local = {"trust_remote_code": False, "local_files_only": local_files_only, **ref.pretrained_kwargs}
+            processor = AutoProcessor.from_pretrained(ref.model_id, **local)
+            network = AutoModelForImageTextToText.from_pretrained(ref.model_id, **local, **place.kwargs)
         except OSError as error:  # missing files, no network, gated: say how to make the model available
             raise model_unavailable(model, error) from error
         network.eval()
-        log.info("loaded %s (%s) on %s: %s", model, cls.family, place.describe(),
+        log.info("loaded %s (%s) on %s: %s", model, family.name, place.describe(),
                  placement.memory_taken(network, place.device))  # fmt: skip
         return cls(
-            model, network, processor, device=place.device, max_batch_size=settings.max_batch_size,
+            model, family, network, processor, device=place.device, max_batch_size=settings.max_batch_size,
             encoding_cache_bytes=settings.encoding_cache_bytes,
         )  # fmt: skip
 
@@ -124,14 +113,14 @@ class LocalBackend(Backend):
                 outcomes[index] = Cancelled("the request was cancelled before the model started on it")
                 continue
             try:
-                prompts.append(self.conventions.prompt(request))
+                prompts.append(self.family.prompt(request))
             except VlmToolsError as error:  # a bad request fails alone, the rest of the batch runs
                 outcomes[index] = error
                 continue
             live.append(index)
         if live:
             batch = [requests[i] for i in live]
-            inputs = self.generation_inputs(batch, prompts)
+            inputs = self.serving_inputs(batch, prompts)
             rows = generation.generate_rows(
                 self.model, inputs, batch, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id
             )
@@ -140,19 +129,14 @@ class LocalBackend(Backend):
         return [outcome for outcome in outcomes if outcome is not None]
 
     @abstractmethod
-    def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+    def reference_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
         """The left-padded model inputs of a batch from the family's processor alone (pixels included, nothing
-        reused): the reference :meth:`model_inputs` must equal, and what training feeds the model."""
+        reused): what every faster layout must equal, and what training feeds the model."""
 
     @abstractmethod
-    def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-        """The left-padded model inputs of a batch, on the device, each image's encoding reused or made
-        (:meth:`image_encodings`); ``generate`` gives every row what :meth:`prepare_inputs` would."""
-
-    def generation_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-        """What ``generate`` is given for a batch: :meth:`model_inputs`, unless the family reads from kept prefixes
-        (Molmo2 does; its image prefix attends to nothing after it)."""
-        return self.model_inputs(requests, prompts)
+    def serving_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """What ``generate`` is given when serving a batch, on the device: each image's encoding reused or made
+        (:meth:`image_encodings`), so that every row gets what :meth:`reference_inputs` would give it."""
 
     @abstractmethod
     def encode_images(self, images: Sequence[Image.Image]) -> list[Any]:
@@ -167,7 +151,7 @@ class LocalBackend(Backend):
     def _interpret(self, request: Request, tokens: Sequence[int]) -> Outcome:
         raw = self.decode(tokens)
         try:
-            return self.conventions.interpret(request, raw)
+            return self.family.interpret(request, raw)
         except VlmToolsError as error:
             return error
         except Exception as error:  # the contract says interpret never raises; if it does, only this row fails

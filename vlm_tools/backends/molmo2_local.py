@@ -1,27 +1,20 @@
 """Molmo2 (``allenai/Molmo2-4B`` …) resident in this process, through transformers' native implementation.
 
-A batch runs as ONE ``generate`` call, whatever the sizes and aspect ratios of its images. That works because of
-how transformers 5 lays Molmo2 inputs out:
+A batch runs as ONE ``generate`` call, whatever the sizes and aspect ratios of its images: an image's crops become
+one run of image tokens whose pooled features are added, in order, onto its ``<im_patch>`` tokens (rows may hold
+different numbers of them); the image tokens of a row attend to each other bidirectionally through
+``mm_token_type_ids`` (padding is type 0, so left padding changes nothing); ``generate`` derives position ids from
+the attention mask.
 
-* an image's crops (overlapping 378 px crops plus a low-resolution view on the hub) become one run of image tokens
-  (``<low_res_im_start> <im_patch>… <im_end> <im_start> <im_patch>… <im_end>``, from its ``image_grids``); the
-  vision encoder's pooled features are added, in order, onto its ``<im_patch>`` tokens, so rows may hold different
-  numbers of image tokens;
-* the image tokens of a row attend to each other bidirectionally through ``mm_token_type_ids`` (padding is type
-  0, so left padding changes nothing), and ``generate`` derives position ids from the attention mask.
-
-The prompt is the checkpoint's own chat template (the image hoisted to the front as ``<|image|>``, no system turn)
-after BOS (= ``<|im_end|>``, which the processor puts in front). :meth:`Molmo2Backend.model_inputs` lays it out
-around an image's encoding — its token ids and pooled features, reused for an image seen before — and gives
-``generate`` the features ready-made (``mm_encoder_outputs``); :meth:`Molmo2Backend.prepare_inputs` is the
-processor's own layout, which the tests hold it to, token for token. What runs is
-:meth:`Molmo2Backend.generation_inputs`: the language model's keys and values over BOS and the image tokens depend
-on the image alone (they attend to nothing after them), so they are read once per image, kept with its encoding,
-and every question on that image reads only its own turn (:mod:`~vlm_tools.backends.prefixes`).
+How a prompt is laid out around an image is the checkpoint's own chat template, probed at load
+(:mod:`~vlm_tools.backends.molmo2_layout`): where everything up to the image is the same for every prompt, the
+language model's keys and values over it are read once per image and kept with its encoding, and each question
+reads only its own turn (:mod:`~vlm_tools.backends.prefixes`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -29,21 +22,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .base import Request
-from .generation import left_padded, positions
+from .base import Request, Task
+from .generation import generate_rows, left_padded, positions
 from .local import LocalBackend
+from .molmo2_layout import Molmo2Layout, conversation, plan_layout, probe_image
 from .prefixes import Prefix, continue_from_prefixes, prefixes_from_cache
 
 if TYPE_CHECKING:
     from PIL import Image
 
-IMAGE_PLACEHOLDER = "<|image|>"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Molmo2Image:
     """What Molmo2 makes of one image: the ids of its image tokens, the pooled features added onto them and, once
-    a prompt on it has been read, the language model's keys and values over BOS and those tokens."""
+    a prompt on it has been read, the language model's keys and values over the prompt up to and with the image."""
 
     token_ids: list[int]
     features: torch.Tensor
@@ -57,36 +51,43 @@ class Molmo2Image:
 
 
 class Molmo2Backend(LocalBackend):
-    """A resident Molmo2 model: chat-template prompts, batched greedy generation, family parsing."""
+    """A resident Molmo2 model: its chat template probed at load, batched greedy generation, family parsing."""
 
-    family = "molmo2"
-    attention = "sdpa"  # exact; flash attention would drop the bidirectional mask over image tokens
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layout = plan_layout(self.processor)
+        if self.layout.mode == "prefix":
+            self.layout = self._check_prefix_path(self.layout)
+        log.info("%s reads prompts by %s", self.name, self.layout.describe())
 
-    def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+    def reference_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
         """The processor's layout of a batch: chat template, image crops and token bookkeeping, left-padded."""
         inputs = self.processor.apply_chat_template(
-            [self._conversation(request.image, prompt) for request, prompt in zip(requests, prompts, strict=True)],
+            [conversation(request.image, prompt) for request, prompt in zip(requests, prompts, strict=True)],
             tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True,
             processor_kwargs={"padding": True, "padding_side": "left"},
         )  # fmt: skip
         return inputs.to(self.device)
 
-    def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-        """BOS, each image's tokens and the templated turn per row, left-padded; the features ready-made."""
-        images: list[Molmo2Image] = self.image_encodings(requests)
-        rows = [
-            [*self._prefix_ids(image), *self._turn_ids(prompt)] for image, prompt in zip(images, prompts, strict=True)
-        ]
-        return self._read_inputs(rows, images)
-
-    def generation_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
-        """Each row read on from its image's kept prefix (:mod:`~vlm_tools.backends.prefixes`): only the user's
-        turn is read now; the prefixes not kept yet are read first, once per image, in one pass."""
+    def serving_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+        """The batch laid out by the probed layout: read on from kept prefixes, around reused encodings, or by the
+        processor."""
+        if self.layout.mode == "processor":
+            return self.reference_inputs(requests, prompts)
+        if self.layout.mode == "reuse":
+            return self.encoded_inputs(requests, prompts)
+        turns = [self.layout.turn_ids(prompt) for prompt in prompts]
         images = self.image_prefixes(requests, self.image_encodings(requests))
         return continue_from_prefixes(
-            [image.prefix for image in images], [self._turn_ids(prompt) for prompt in prompts],
-            pad_token_id=self.pad_token_id, config=self.model.config, device=self.device,
+            [image.prefix for image in images], turns, pad_token_id=self.pad_token_id, config=self.model.config,
+            device=self.device,
         )  # fmt: skip
+
+    def encoded_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> dict[str, Any]:
+        """Each row's whole prompt around its image's reused encoding, left-padded; the features ready-made."""
+        images: list[Molmo2Image] = self.image_encodings(requests)
+        rows = [self.layout.row_ids(prompt, image.token_ids) for image, prompt in zip(images, prompts, strict=True)]
+        return self._read_inputs(rows, images)
 
     def image_prefixes(self, requests: Sequence[Request], images: Sequence[Molmo2Image]) -> list[Molmo2Image]:
         """``images`` with their prefix read: kept from before, or read now (each distinct image once, all in one
@@ -96,7 +97,8 @@ class Molmo2Backend(LocalBackend):
         pending = {key: image for key, image in zip(keys, images, strict=True) if key not in kept}
         if not pending:
             return list(images)
-        rows = [self._prefix_ids(image) for image in pending.values()]
+        head = self.layout.head_ids()
+        rows = [[*head, *image.token_ids] for image in pending.values()]
         inputs = self._read_inputs(rows, list(pending.values()))
         inputs["position_ids"] = positions(inputs["attention_mask"])  # generate derives them so; a bare pass does not
         with torch.inference_mode():
@@ -106,6 +108,19 @@ class Molmo2Backend(LocalBackend):
             if isinstance(key, str):
                 self.encodings.put(key, pending[key], pending[key].nbytes)
         return [kept[key] if key in kept else pending[key] for key in keys]
+
+    def _check_prefix_path(self, layout: Molmo2Layout) -> Molmo2Layout:
+        """Read one probe question on from a kept prefix; on any failure (a wrapped model, a language model that
+        keeps only a window of keys) serve by encoding reuse instead."""
+        probe = Request(Task.ANSWER, probe_image(), text="What is this?", max_new_tokens=1)
+        try:
+            inputs = self.serving_inputs([probe], [self.family.prompt(probe)])
+            generate_rows(self.model, inputs, [probe], eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+        except Exception as error:  # noqa: BLE001 - any failure means the prefix path is not for this checkpoint
+            log.warning("%s: reading on from a kept image prefix failed on a probe (%s: %s); serving by encoding "
+                        "reuse", self.name, type(error).__name__, error)  # fmt: skip
+            return replace(layout, mode="reuse", reason=f"a kept prefix failed on a probe: {type(error).__name__}")
+        return layout
 
     def _read_inputs(self, rows: list[list[int]], images: Sequence[Molmo2Image]) -> dict[str, Any]:
         """Model inputs for token rows holding ``images``' tokens in order: left-padded, the features ready-made."""
@@ -117,10 +132,10 @@ class Molmo2Backend(LocalBackend):
             "mm_token_type_ids": types.to(self.device), "mm_encoder_outputs": {"image": features},
         }  # fmt: skip
 
-    def _prefix_ids(self, image: Molmo2Image) -> list[int]:
-        """BOS (the processor puts it in front) and the image's tokens: the part of a prompt the image alone fixes."""
-        bos = self.tokenizer.convert_tokens_to_ids(self.tokenizer.bos_token or self.tokenizer.eos_token)
-        return [bos, *image.token_ids]
+    def prefetch(self, request: Request) -> None:
+        """Encode ahead of the batch, unless the processor lays every prompt out (nothing to reuse then)."""
+        if self.layout.mode != "processor":
+            super().prefetch(request)
 
     def encode_images(self, images: Sequence[Image.Image]) -> list[Molmo2Image]:
         """One image-processor call and one vision-encoder pass for all ``images``."""
@@ -140,16 +155,3 @@ class Molmo2Backend(LocalBackend):
         """The token ids the processor writes for an image with this grid (low-resolution view, then crops)."""
         text = self.processor.replace_image_token({"image_grids": [grid]}, image_idx=0)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _turn_ids(self, prompt: str) -> list[int]:
-        """The chat template's user turn and generation prompt, after the image placeholder it puts first."""
-        text = self.processor.apply_chat_template(
-            [self._conversation(None, prompt)], tokenize=False, add_generation_prompt=True
-        )[0]
-        if not text.startswith(IMAGE_PLACEHOLDER):
-            raise RuntimeError(f"the chat template does not put the image first: {text[:80]!r}")
-        return self.tokenizer(text[len(IMAGE_PLACEHOLDER) :], add_special_tokens=False)["input_ids"]
-
-    @staticmethod
-    def _conversation(image: Any, prompt: str) -> list[dict[str, Any]]:
-        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]

@@ -7,16 +7,16 @@ whole prompt is the bidirectional prefix; ``generate`` marks new tokens 1) and, 
 that must not reach ``generate``. ``generate`` derives position ids from the attention mask, so a left-padded row
 sees the same positions as it would alone.
 
-:meth:`PaliGemmaBackend.model_inputs` writes that layout itself around each image's projected SigLIP features
+:meth:`PaliGemmaBackend.serving_inputs` writes that layout itself around each image's projected SigLIP features
 (reused for an image seen before) and gives ``generate`` the features ready-made (``mm_encoder_outputs``);
-:meth:`PaliGemmaBackend.prepare_inputs` is the processor's own call, which the tests hold it to.
+:meth:`PaliGemmaBackend.reference_inputs` is the processor's own call, which the tests hold it to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -46,10 +46,6 @@ class PaliGemmaImage:
 class PaliGemmaBackend(LocalBackend):
     """A PaliGemma (2) checkpoint kept resident; runs a batch of one task in one ``generate`` call."""
 
-    family = "paligemma"
-    # Gemma 2 soft-caps its attention scores, which SDPA cannot do: transformers refuses it for the text model, so
-    # the text model runs eager attention (exact); the SigLIP vision tower has no soft-capping and runs SDPA.
-    attention: ClassVar[str | dict[str, str]] = {"text_config": "eager", "vision_config": "sdpa"}
     bidirectional_prefix: bool = True
     """Whether image and prompt are read as one bidirectional prefix (``token_type_ids`` 0), as Google trained
     PaliGemma and transformers runs it. ``False`` reads them causally (``token_type_ids`` 1), as vLLM's CPU
@@ -58,7 +54,7 @@ class PaliGemmaBackend(LocalBackend):
     def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(input_ids) if self.bidirectional_prefix else torch.ones_like(input_ids)
 
-    def prepare_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+    def reference_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
         """The processor's batch: ``<image>`` + prompt per row, squashed square images, no training labels."""
         inputs = self.processor(
             text=[IMAGE_TOKEN + prompt for prompt in prompts], images=[r.image for r in requests],
@@ -70,7 +66,7 @@ class PaliGemmaBackend(LocalBackend):
         inputs["token_type_ids"] = self._token_types(inputs["token_type_ids"])
         return inputs
 
-    def model_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
+    def serving_inputs(self, requests: Sequence[Request], prompts: Sequence[str]) -> Any:
         """``<image>``×N ``<bos>`` prompt ``"\\n"`` per row, left-padded; the image features ready-made."""
         images: list[PaliGemmaImage] = self.image_encodings(requests)
         prefix = IMAGE_TOKEN * self.processor.image_seq_length + self.tokenizer.bos_token

@@ -6,14 +6,21 @@ Imported only when a local backend loads (it imports torch at module level).
 from __future__ import annotations
 
 import gc
-import importlib.util
+import importlib.metadata
 import logging
+import platform
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ..families.base import Family
+    from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,34 +65,54 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
         raise ConfigurationError(f"unknown dtype {setting!r}: use auto, bfloat16, float16 or float32") from None
 
 
-def quantization_config(setting: str, device: str, compute_dtype: torch.dtype) -> Any | None:
-    """A bitsandbytes config for ``4bit`` / ``8bit`` (CUDA only), or ``None`` for ``none``.
+def family_dtype(family: Family, setting: str, device: str) -> tuple[torch.dtype, str | None]:
+    """The dtype ``family``'s weights run in, and why it is not the one asked for (``None`` when it is): a family
+    unstable in a dtype (PaliGemma 2 in float16) runs in float32 instead, wherever that dtype was picked."""
+    dtype = resolve_dtype(setting, device)
+    name = str(dtype).removeprefix("torch.")
+    if name in family.unstable_dtypes:
+        source = "this GPU has no bfloat16" if setting == "auto" else f"--dtype {setting} was asked for"
+        return torch.float32, f"{family.title} overflows in {name} ({source}): it runs in float32"
+    return dtype, None
 
-    The vision tower and the projector stay in ``compute_dtype``: they are a small share of the weights, and
-    quantising them costs pointing accuracy for little memory.
-    """
+
+def quantization_config(setting: str, device: str, compute_dtype: torch.dtype, keep: Sequence[str]) -> Any | None:
+    """A bitsandbytes config for ``4bit`` (NF4) / ``8bit`` (LLM.int8), or ``None`` for ``none``; ``keep`` names the
+    modules left in ``compute_dtype``. bitsandbytes runs them on CUDA and, from 0.47, on x86-64 CPUs."""
     if setting in ("none", "", None):
         return None
     if setting not in ("4bit", "8bit"):
         raise ConfigurationError(f"unknown quantisation {setting!r}: use none, 4bit or 8bit")
-    if device != "cuda":
-        raise ConfigurationError(
-            f"--quantize {setting} needs a CUDA GPU (bitsandbytes); this machine has none: "
-            "drop --quantize or run on a GPU host"
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigurationError(
-            f"--quantize {setting} needs bitsandbytes, which is not installed: pip install 'vlm-tools[quantize]'"
-        )
+    where = quantization_support(device)
+    if where is not None:
+        raise ConfigurationError(f"--quantize {setting} cannot run here: {where}")
     from transformers import BitsAndBytesConfig
 
-    keep = ["vision_tower", "vision_backbone", "multi_modal_projector", "lm_head"]
     if setting == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=keep,
+            llm_int8_skip_modules=list(keep),
         )  # fmt: skip
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep))
+
+
+def quantization_support(device: str) -> str | None:
+    """Why bitsandbytes cannot quantise on ``device`` here, or ``None`` when it can (CUDA; x86-64 CPUs)."""
+    if device == "mps":
+        return "bitsandbytes does not run on Apple's MPS: drop --quantize or use --device cpu"
+    if device == "cpu" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"bitsandbytes runs on x86-64 CPUs, not {platform.machine()}: drop --quantize or run on a GPU host"
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return "bitsandbytes is not installed: pip install 'vlm-tools[quantize]'"
+    if device == "cpu" and _version_tuple(version) < (0, 47):
+        return f"bitsandbytes {version} quantises only on CUDA; 0.47 or newer runs on x86-64 CPUs"
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
 @dataclass(frozen=True)
@@ -97,27 +124,29 @@ class Placement:
     quantize: str
     attention: str | dict[str, str]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
 
     @classmethod
-    def from_settings(cls, device: str, dtype: str, quantize: str, attention: str | dict[str, str]) -> Placement:
-        """Resolve the settings; the weights load straight onto the device (``device_map``), never via the CPU."""
-        where = resolve_device(device)
-        weights = resolve_dtype(dtype, where)
-        quant = quantization_config(quantize, where, weights)
-        kwargs: dict[str, Any] = {"dtype": weights, "device_map": where, "attn_implementation": attention}
+    def for_family(cls, family: Family, settings: Settings) -> Placement:
+        """Resolve the settings for a model of ``family``; the weights load straight onto the device."""
+        where = resolve_device(settings.device)
+        weights, note = family_dtype(family, settings.dtype, where)
+        quant = quantization_config(settings.quantize, where, weights, family.keep_unquantised)
+        kwargs: dict[str, Any] = {"dtype": weights, "device_map": where, "attn_implementation": family.attention}
         if quant is not None:
             kwargs["quantization_config"] = quant
-        return cls(where, weights, quantize, attention, kwargs)
+        return cls(where, weights, settings.quantize, family.attention, kwargs, note)
 
     def describe(self) -> str:
-        """``cuda, bfloat16, 4bit, attention sdpa`` — for the start-up line."""
+        """``cuda, bfloat16, 4bit, attention sdpa`` — for the start-up line (with why the dtype was changed)."""
         dtype = str(self.dtype).removeprefix("torch.")
         quant = "" if self.quantize in ("none", "") else f", {self.quantize}"
         if isinstance(self.attention, dict):
             attention = ", ".join(f"{part} {kind}" for part, kind in self.attention.items())
         else:
             attention = self.attention
-        return f"{self.device}, {dtype}{quant}, attention {attention}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.device}, {dtype}{quant}, attention {attention}{note}"
 
 
 def memory_taken(model: Any, device: str) -> str:

@@ -1,8 +1,9 @@
 """Prompts read on from a kept prefix: the key/value cache of the tokens that depend on the image alone.
 
-A Molmo2 prompt starts with BOS and the image's tokens, then the user's turn; the image tokens attend to BOS and to
-each other (bidirectionally), never to the text after them. So the language model's keys and values over that
-prefix are a function of the image alone, and a follow-up question on the same image need not read its ~1,200
+A Molmo2 prompt whose template puts the image before the prompt starts with the same tokens for every question
+(BOS, any fixed text, the image's tokens), then the user's turn; those tokens attend to each other (the image's
+bidirectionally), never to the text after them. So the language model's keys and values over that prefix are a
+function of the image alone, and a follow-up question on the same image need not read its ~1,200
 image tokens again: :func:`continue_from_prefixes` lays a batch out so that ``generate`` starts from the kept
 prefixes and reads only each row's own turn.
 
@@ -51,6 +52,9 @@ class Prefix:
 def prefixes_from_cache(cache: Any, rows: Sequence[Sequence[int]]) -> list[Prefix]:
     """Split the cache of one pass over left-padded ``rows`` into one :class:`Prefix` per row (its padding dropped,
     its tensors copied out so the batch's cache can go)."""
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        # A sliding-window layer keeps only the last keys: the prefix would be cut, so it cannot be kept.
+        raise ValueError("the language model has sliding-window attention layers; their cache holds only a window")
     width = max(len(row) for row in rows)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     return [

@@ -1,29 +1,22 @@
 """The remote backend: the same tools served by an OpenAI-compatible inference server (vLLM, ``transformers serve``).
 
-Prompts and parsers are the family's (:mod:`vlm_tools.backends.families`), exactly as for a local model, so the
-same tool call gives the same result whichever way the model runs. What this module adds is the request shape:
+Prompts and parsers are the family's, as for a local model. What this module adds is the request shape:
 
 * one ``user`` message whose content is ``[image_url, text]``: the image as a ``data:image/png;base64,…`` URI
-  encoded from the image the server already fetched, decoded and checked (a user's URL never reaches the
-  inference server, whose own fetching has had SSRF holes), kept by image id so a follow-up sends the same bytes
-  without encoding them again, then the family's prompt text;
+  encoded ahead, on a thread of its own, from the image the server already fetched, decoded and checked (a user's
+  URL never reaches the inference server, whose own fetching has had SSRF holes), kept by image id so a follow-up
+  sends the same bytes without encoding them again;
 * greedy decoding that inherits nothing: vLLM takes its default sampling parameters from the checkpoint's
-  ``generation_config.json`` (a repetition penalty there would bend every answer), so the neutral values are
-  sent explicitly — ``temperature 0``, ``top_p 1``, no presence or frequency penalty, ``seed 0``, ``n 1``,
-  ``max_tokens`` = the request's limit, and vLLM's own ``top_k 0``, ``min_p 0``, ``repetition_penalty 1``,
-  ``min_tokens 0`` (see :data:`~vlm_tools.backends.remote_client.VLLM_EXTRAS`);
-* special tokens are dropped from the text, as the local backends drop them (PaliGemma's ``<locNNNN>`` tokens
-  are not special and come through).
+  ``generation_config.json``, so the neutral values are sent explicitly (and vLLM's own, see
+  :data:`~vlm_tools.backends.remote_client.VLLM_EXTRAS`).
 
-A batch is sent as concurrent requests (the inference server batches them itself: that is where its throughput
-comes from); a request whose ``cancel`` event is set is not sent, or its connection is closed.
-
-The family (``--remote-family auto``) is read from the model name: the name (and, for vLLM, the ``root`` it was
-loaded from) containing ``paligemma`` → paligemma, ``molmo2`` → molmo2, ``molmo`` → molmo (checked in that order).
+Each request is sent on its own and answers its caller as soon as its own answer arrives (the server batches
+concurrent requests itself); cancelling a call closes its connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import time
@@ -32,33 +25,20 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ..errors import Cancelled, ConfigurationError, ModelError, VlmToolsError
+from ..errors import Cancelled, ConfigurationError
+from ..families import FAMILIES, family_from_name, get_family
 from ..images.encode import png_data_uri
-from .base import Backend, Outcome, Request
+from .base import ConcurrentBackend, Output, Request
 from .encodings import EncodingCache
-from .families import get_family
-from .family import Family
 from .remote_client import ServerPool, error_message
 
 if TYPE_CHECKING:
+    from ..families.base import Family
     from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
-FAMILY_MARKERS = (("paligemma", "paligemma"), ("molmo2", "molmo2"), ("molmo", "molmo"))
-"""(substring of the lower-cased model name, family), first match wins."""
-
 PROBE_TIMEOUT_S = 10.0
-
-
-def family_from_name(*names: str | None) -> str | None:
-    """The family a model name (or the path it was loaded from) says, or ``None`` when none of them tells."""
-    for name in names:
-        lowered = (name or "").lower()
-        for marker, family in FAMILY_MARKERS:
-            if marker in lowered:
-                return family
-    return None
 
 
 def chat_body(model: str, prompt: str, image_url: str, max_new_tokens: int) -> dict[str, Any]:
@@ -85,17 +65,16 @@ def chat_body(model: str, prompt: str, image_url: str, max_new_tokens: int) -> d
     }
 
 
-class RemoteBackend(Backend):
+class RemoteBackend(ConcurrentBackend):
     """A model of one family served by one or more OpenAI-compatible servers (all serving the same model).
 
     Args:
         base_urls: e.g. ``("http://gpu1:8000/v1", "http://gpu2:8000/v1")``.
         model: the model name the servers serve (sent as ``model``; what results report).
-        family: ``"paligemma"``, ``"molmo2"`` or ``"molmo"``.
+        family: the model's family.
         api_key: sent as ``Authorization: Bearer``.
         concurrency: requests in flight per server.
         timeout_s: time limit of one HTTP request.
-        max_batch_size: most requests the engine hands over at once.
         backoff_s: (first, longest) seconds a failing server is left alone.
         max_model_len: the servers' context length when they report it (vLLM's ``GET /models``): no request asks
             for more new tokens than that (vLLM refuses such a request outright; it fits the rest itself).
@@ -106,31 +85,19 @@ class RemoteBackend(Backend):
     """
 
     def __init__(
-        self,
-        base_urls: Sequence[str],
-        model: str,
-        family: str,
-        *,
-        api_key: str | None = None,
-        concurrency: int = 16,
-        timeout_s: float = 120.0,
-        max_batch_size: int = 8,
-        backoff_s: tuple[float, float] = (5.0, 30.0),
-        max_model_len: int | None = None,
-        image_cache_bytes: int = 256_000_000,
-        transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.conventions: Family = get_family(family)
-        self.image_urls = EncodingCache(image_cache_bytes)
-        self.max_model_len = max_model_len
+        self, base_urls: Sequence[str], model: str, family: Family, *, api_key: str | None = None,
+        concurrency: int = 16, timeout_s: float = 120.0, backoff_s: tuple[float, float] = (5.0, 30.0),
+        max_model_len: int | None = None, image_cache_bytes: int = 256_000_000,
+        transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.name = model
-        self.family = self.conventions.name
-        self.native = self.conventions.native
-        self.supported = self.conventions.supported
-        self.max_batch_size = max_batch_size
-        # Enough batches in flight to fill every server's slots; the servers batch across them.
-        self.parallelism = max(1, len(base_urls) * max(1, concurrency // max(1, max_batch_size)))
+        self.family = family
+        self.native = family.native
+        self.supported = family.supported
+        self.concurrency = max(1, len(base_urls) * concurrency)
+        self.max_model_len = max_model_len
+        self.image_urls = EncodingCache(image_cache_bytes)
+        self._encoder = concurrent.futures.ThreadPoolExecutor(_encoding_workers(), thread_name_prefix="vlm-png")
         self.pool = ServerPool(
             base_urls, api_key=api_key, concurrency=concurrency, timeout_s=timeout_s, backoff_s=backoff_s,
             transport=transport, clock=clock,
@@ -138,19 +105,23 @@ class RemoteBackend(Backend):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, model: str, family: str, max_model_len: int | None = None
+        cls, settings: Settings, model: str, family: Family, max_model_len: int | None = None
     ) -> RemoteBackend:
         """A backend over every ``settings.base_url``, configured by the settings."""
         return cls(
             settings.base_url, model, family, api_key=settings.resolved_api_key(),
             concurrency=settings.remote_concurrency, timeout_s=settings.request_timeout_s,
-            max_batch_size=settings.max_batch_size, max_model_len=max_model_len,
-            image_cache_bytes=settings.encoding_cache_bytes,
+            max_model_len=max_model_len, image_cache_bytes=settings.encoding_cache_bytes,
         )  # fmt: skip
 
     def prompt(self, request: Request) -> str:
         """The text sent beside the image: the family's prompt (caller text already neutralised)."""
-        return self.conventions.prompt(request)
+        return self.family.prompt(request)
+
+    def prefetch(self, request: Request) -> None:
+        """Start encoding the request's image as a PNG ``data:`` URI on a thread of its own (unless it is kept)."""
+        if request.image_id not in self.image_urls:
+            request.ahead = self._encoder.submit(self.image_url, request)
 
     def image_url(self, request: Request) -> str:
         """The request's image as a PNG ``data:`` URI, kept by image id for the next call on it."""
@@ -164,50 +135,31 @@ class RemoteBackend(Backend):
         """Drop the kept ``data:`` URI of an image that left the image store."""
         self.image_urls.forget(image_id)
 
-    def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
-        """Send every request at once; wait for all, abandoning those whose ``cancel`` gets set meanwhile."""
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        pending: dict[concurrent.futures.Future[str], int] = {}
-        for index, request in enumerate(requests):
-            if request.cancel.is_set():
-                outcomes[index] = Cancelled("the request was cancelled before it was sent to the inference server")
-                continue
-            try:
-                limit = request.max_new_tokens
-                if self.max_model_len:
-                    limit = min(limit, self.max_model_len)
-                body = chat_body(self.name, self.prompt(request), self.image_url(request), limit)
-            except VlmToolsError as error:
-                outcomes[index] = error
-                continue
-            pending[self.pool.submit(body)] = index
-        while pending:
-            done, _ = concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                index = pending.pop(future)
-                outcomes[index] = self._outcome(requests[index], future)
-            for future, index in list(pending.items()):
-                if requests[index].cancel.is_set():
-                    future.cancel()  # closes its connection, or drops it before it is sent
-                    del pending[future]
-                    outcomes[index] = Cancelled("the request was cancelled; its inference-server call was abandoned")
-        return [outcome for outcome in outcomes if outcome is not None]
-
-    def _outcome(self, request: Request, future: concurrent.futures.Future[str]) -> Outcome:
-        if future.cancelled():
-            return Cancelled("the request was cancelled; its inference-server call was abandoned")
-        error = future.exception()
-        if error is not None:
-            if isinstance(error, VlmToolsError):
-                return error
-            log.error("remote request failed unexpectedly", exc_info=error)
-            return ModelError(f"the remote request failed unexpectedly ({type(error).__name__}: {error})")
-        return self.conventions.interpret(request, future.result())
+    async def answer(self, request: Request) -> Output:
+        """Send one request and read its answer; cancelling the awaiting task closes its connection."""
+        if request.cancel.is_set():
+            raise Cancelled("the request was cancelled before it was sent to the inference server")
+        prompt = self.prompt(request)  # a bad request fails here, before anything is encoded or sent
+        ahead, request.ahead = request.ahead, None
+        if ahead is None:
+            ahead = self._encoder.submit(self.image_url, request)
+        url = await asyncio.wrap_future(ahead)
+        limit = min(request.max_new_tokens, self.max_model_len) if self.max_model_len else request.max_new_tokens
+        raw = await asyncio.wrap_future(self.pool.submit(chat_body(self.name, prompt, url, limit)))
+        return self.family.interpret(request, raw)
 
     def close(self) -> None:
         """Close the connections to the inference servers."""
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         self.image_urls.clear()
         self.pool.close()
+
+
+def _encoding_workers() -> int:
+    """Threads that encode PNG data URIs: one per core, at most 4 (zlib releases the GIL)."""
+    import os
+
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 # --- start-up ---------------------------------------------------------------------------------------------
@@ -258,7 +210,7 @@ def _choose_model(settings: Settings, listed: list[dict[str, Any]]) -> tuple[str
                              "pick one with --remote-model")
 
 
-def load_remote_backends(settings: Settings) -> list[Backend]:
+def load_remote_backends(settings: Settings) -> list[RemoteBackend]:
     """One :class:`RemoteBackend` over every ``--base-url`` (all serving the same model).
 
     Checks each server at start-up (``GET /models``) and logs what it found; raises
@@ -280,19 +232,18 @@ def load_remote_backends(settings: Settings) -> list[Backend]:
         raise ConfigurationError("no inference server reachable: " + "; ".join(failures)
                                  + ". Start it (e.g. vllm serve …) or fix --base-url")
     model, root = _choose_model(settings, listed)
-    family = settings.remote_family
-    if family == "auto":
-        found = family_from_name(model, root)
-        if found is None:
-            raise ConfigurationError(
-                f"cannot tell the family of the remote model {model!r} from its name: pass --remote-family "
-                "paligemma, molmo2 or molmo"
-            )
-        family = found
+    if settings.remote_family == "auto":
+        family = family_from_name(model, root)
+        if family is None:
+            raise ConfigurationError(f"cannot tell the family of the remote model {model!r} from its name: pass "
+                                     f"--remote-family {', '.join(f.name for f in FAMILIES)}")  # fmt: skip
+    else:
+        family = get_family(settings.remote_family)
     # vLLM reports its context length; with several servers the smallest one bounds every request.
     lengths = [e["max_model_len"] for e in listed if e["id"] == model and isinstance(e.get("max_model_len"), int)]
     backend = RemoteBackend.from_settings(settings, model, family, min(lengths) if lengths else None)
-    log.info("remote model %s (family %s) on %d server(s), %d requests in flight per server, parallelism %d%s",
-             model, family, len(settings.base_url), settings.remote_concurrency, backend.parallelism,
+    log.info("remote model %s (family %s) on %d server(s), %d requests in flight per server%s",
+             model, family.name, len(settings.base_url), settings.remote_concurrency,
              f", context {backend.max_model_len} tokens" if backend.max_model_len else "")
     return [backend]
+

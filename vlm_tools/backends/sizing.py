@@ -1,8 +1,7 @@
 """How much memory a model's weights take, known before its weights are loaded.
 
 The parameter count comes from the model's config (a local directory, or the hub cache), counted on torch's meta
-device — no weights are read. For the two default checkpoints, whose configs may not be cached yet, the counts are
-known (``KNOWN_PARAMETERS``, counted the same way from their published configs; a test holds them to it).
+device — no weights are read; for a published checkpoint whose config is not cached yet, its family knows it.
 """
 
 from __future__ import annotations
@@ -11,12 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from .hub import ModelRef
 
-KNOWN_PARAMETERS: dict[str, int] = {
-    "allenai/Molmo2-4B": 4_850_869_200,  # the vision tower cut to the 25 layers its adapter reads
-    "google/paligemma2-3b-mix-448": 3_033_127_152,  # input and output embeddings tied
-}
+log = logging.getLogger(__name__)
 
 BYTES_PER_PARAMETER: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "8bit": 1.0, "4bit": 0.5}
 """Bytes per weight by dtype or quantisation (4- and 8-bit: the quantised layers; embeddings and the vision tower
@@ -28,13 +24,19 @@ def parameter_count(model: str, *, local_files_only: bool = True) -> int | None:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from ..families import family_from_name
+
+    ref = ModelRef.parse(model)
     try:
-        config = AutoConfig.from_pretrained(model, local_files_only=local_files_only, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            ref.model_id, local_files_only=local_files_only, trust_remote_code=False, **ref.pretrained_kwargs
+        )
         with torch.device("meta"):
             network = AutoModelForImageTextToText.from_config(config)
     except (OSError, ValueError, KeyError) as error:
         log.debug("no config for %s: %s", model, error)
-        return KNOWN_PARAMETERS.get(model)
+        family = family_from_name(ref.model_id)
+        return family.known_parameters(ref.model_id) if family else None
     return sum(p.numel() for p in network.parameters())
 
 

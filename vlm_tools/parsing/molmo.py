@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 from ..geometry import NormPoint, from_scale
-from .text import find_elements, replace_elements, require_str, strip_chat_specials
+from .text import Element, find_elements, replace_elements, require_str, strip_chat_specials
 
 PERCENT_SCALE = 100
 """Molmo writes coordinates as percent of the image's width and height."""
@@ -38,16 +38,23 @@ def parse_points(raw: str) -> list[NormPoint]:
 
     Never raises on a ``str`` (see the module docstring for what is dropped and why).
     """
-    points: list[NormPoint] = []
-    for el in find_elements(require_str(raw), POINT_TAGS):
-        keys = [("x", "y")] if "x" in el.attrs else []
-        numbered = sorted((int(m.group(1)), m.group(1)) for k in el.attrs if (m := _INDEXED_X.fullmatch(k)))
-        keys += [(f"x{digits}", f"y{digits}") for _, digits in numbered]
-        label = el.label
-        for kx, ky in keys:
-            x, y = _percent(el.attrs.get(kx)), _percent(el.attrs.get(ky))
-            if x is not None and y is not None:
-                points.append(NormPoint(x, y, label))
+    return [point for el in find_elements(require_str(raw), POINT_TAGS) for point in _element_points(el)]
+
+
+def unread_markup(raw: str) -> int:
+    """How many point elements of ``raw`` gave no point at all (another syntax, or values out of range)."""
+    return sum(1 for el in find_elements(require_str(raw), POINT_TAGS) if not _element_points(el))
+
+
+def _element_points(el: Element) -> list[NormPoint]:
+    keys = [("x", "y")] if "x" in el.attrs else []
+    numbered = sorted((int(m.group(1)), m.group(1)) for k in el.attrs if (m := _INDEXED_X.fullmatch(k)))
+    keys += [(f"x{digits}", f"y{digits}") for _, digits in numbered]
+    points = []
+    for kx, ky in keys:
+        x, y = _percent(el.attrs.get(kx)), _percent(el.attrs.get(ky))
+        if x is not None and y is not None:
+            points.append(NormPoint(x, y, el.label))
     return points
 
 

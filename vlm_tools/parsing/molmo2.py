@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 
 from ..geometry import NormPoint, from_scale
-from .text import find_elements, replace_elements, require_str, strip_chat_specials
+from .text import Element, find_elements, replace_elements, require_str, strip_chat_specials
 
 COORD_SCALE = 1000
 """Molmo2 writes coordinates on 0..1000 of the image's width and height."""
@@ -55,18 +55,25 @@ def parse_points(raw: str, image_index: int | None = 1) -> list[NormPoint]:
 
     Never raises on a ``str`` (see the module docstring for what is dropped and why).
     """
-    points: list[NormPoint] = []
-    for el in find_elements(require_str(raw), POINT_TAGS):
-        if "coords" in el.attrs:
-            coords, complete = el.attrs["coords"], True
-        elif "coords" in el.cut:
-            coords, complete = _complete_prefix(el.cut["coords"]), False
-        else:
-            continue
-        label = el.label
-        for x, y in _coords_points(coords, image_index, complete):
-            points.append(NormPoint(x, y, label))
-    return points
+    return [point for el in find_elements(require_str(raw), POINT_TAGS) for point in _element_points(el, image_index)]
+
+
+def unread_markup(raw: str) -> int:
+    """How many point elements of ``raw`` gave no point at all: markup in a syntax this parser does not read
+    (percent ``x=``/``y=`` attributes, video ``<tracks>``, coordinates out of range), so that "found nothing" and
+    "could not read it" differ."""
+    elements = find_elements(require_str(raw), (*POINT_TAGS, "tracks"))
+    return sum(1 for el in elements if el.name == "tracks" or not _element_points(el, None))
+
+
+def _element_points(el: Element, image_index: int | None) -> list[NormPoint]:
+    if "coords" in el.attrs:
+        coords, complete = el.attrs["coords"], True
+    elif "coords" in el.cut:
+        coords, complete = _complete_prefix(el.cut["coords"]), False
+    else:
+        return []
+    return [NormPoint(x, y, el.label) for x, y in _coords_points(coords, image_index, complete)]
 
 
 def clean_text(raw: str) -> str:

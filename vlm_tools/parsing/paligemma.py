@@ -86,6 +86,13 @@ def parse_detections(raw: str) -> list[NormBox]:
     return boxes
 
 
+def unread_boxes(raw: str, boxes: list[NormBox]) -> int:
+    """How many boxes' worth of location tokens in ``raw`` gave no box (inverted, out of range, or cut short): what
+    the model marked but this parser could not read, so that "found nothing" and "could not read it" differ."""
+    tokens = len(_LOC_TOKEN.findall(_generated_part(require_str(raw))))
+    return max(0, -(-(tokens - 4 * len(boxes)) // 4))
+
+
 def _box_coords(bins: tuple[str, ...]) -> tuple[float, float, float, float] | None:
     """Normalised (y0, x0, y1, x1) from four bins in PaliGemma's order, or ``None`` for an invalid box."""
     values = [from_scale(float(b), LOC_SCALE) for b in bins]

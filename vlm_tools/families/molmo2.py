@@ -1,0 +1,38 @@
+"""Molmo2 (AI2, native in transformers): free-form instructions through its chat template, ``<points coords=…>`` on
+0–1000 of the image."""
+
+from __future__ import annotations
+
+import re
+
+from ..parsing import molmo2 as parser
+from .base import Checkpoint
+from .freeform import FreeFormFamily
+
+CONTROL_TOKENS = re.compile(
+    r"<\|(?:endoftext|im_start|im_end|object_ref_start|object_ref_end|box_start|box_end|quad_start|quad_end"
+    r"|vision_start|vision_end|vision_pad|image_pad|video_pad|image|video)\|>"
+    r"|\|<EXTRA_TOKENS_\d{1,3}>\|"
+    r"|<(?:im_start|im_end|im_patch|im_col|low_res_im_start|im_low|frame_start|frame_end)>"
+)
+"""The special added tokens of Molmo2's Qwen2 tokenizer (``<|endoftext|>`` … ``<|video_pad|>``, the
+``|<EXTRA_TOKENS_N>|`` fillers) and its image and video tokens. ``<tool_call>``, ``<think>`` and the other Qwen
+tokens that are added but not special stay as they are."""
+
+
+class Molmo2(FreeFormFamily):
+    """Molmo2: ``<points coords=…>`` on 0–1000, through the checkpoint's own chat template."""
+
+    name = "molmo2"
+    title = "Molmo2"
+    model_types = ("molmo2",)
+    name_markers = ("molmo2",)
+    control_tokens = CONTROL_TOKENS
+    local_backend = "vlm_tools.backends.molmo2_local:Molmo2Backend"
+    attention = "sdpa"  # exact; flash attention would drop the bidirectional mask over image tokens
+    checkpoints = (Checkpoint("allenai/Molmo2-4B", 4_850_869_200),)  # vision tower cut to the 25 layers it reads
+    serve_by_default = True
+    without_it = "native pointing is unavailable"
+    parse_points = staticmethod(parser.parse_points)
+    unread_markup = staticmethod(parser.unread_markup)
+    clean_text = staticmethod(parser.clean_text)
