@@ -108,6 +108,7 @@ class FakeBackend(BatchBackend):
         self.fail_rows = frozenset(fail_rows)
         self.crash = frozenset(crash)
         self.oom_above = oom_above
+        self.broken: BaseException | None = None  # when set, every batch raises it (a model broken for everyone)
         self.batches: list[BatchRecord] = []
         self.tokens: dict[str, int] = {}  # simulated tokens generated per request text
         self.free_memory_calls = 0
@@ -177,6 +178,8 @@ class FakeBackend(BatchBackend):
         if len({r.task for r in requests}) != 1:
             raise AssertionError("a batch mixed tasks")  # the engine must never do this
         self._gate.wait()
+        if self.broken is not None:
+            raise self.broken
         if self.oom_above is not None and len(requests) > self.oom_above:
             raise FakeOutOfMemory(f"out of memory (simulated) for a batch of {len(requests)}")
         if any(r.text in self.crash for r in requests):

@@ -15,7 +15,7 @@ from fakes import FakeBackend, eventually, expected_raw, make_request
 
 from vlm_tools.backends.base import Output, Task
 from vlm_tools.engine import Engine
-from vlm_tools.errors import Busy, ModelError, ShuttingDown, Timeout
+from vlm_tools.errors import Busy, ModelBroken, ModelError, ShuttingDown, Timeout
 from vlm_tools.metrics import Metrics
 from vlm_tools.settings import Settings
 
@@ -447,3 +447,42 @@ def test_backend_names_must_be_distinct() -> None:
     with pytest.raises(ValueError, match="distinct"):
         Engine([FakeBackend("a"), FakeBackend("a")], max_batch_size=1, batch_wait_ms=0, queue_size=1,
                request_timeout_s=1)
+
+
+# --- a model that fails every request ---------------------------------------------------------------------------
+
+
+async def test_a_model_failing_every_request_alike_is_said_once_and_marked_not_serving(
+    make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeBackend()
+    fake.broken = RuntimeError("the chat template does not put the image first")
+    engine = await make_engine(fake, batch_wait_ms=100.0, max_batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="vlm_tools.engine"):
+        results = await settle_all(*(engine.submit(fake, make_request(f"r{i}"), tool="t") for i in range(4)))
+    assert all(isinstance(r, ModelError) for r in results), results
+    assert not any("retry" in str(r) for r in results)  # the same request would fail again: no false hope
+    assert fake.batch_sizes == [4, 1, 1, 1, 1]  # isolated once, to tell it from one bad request
+    assert len([r for r in caplog.records if r.exc_info]) == 1  # one traceback, not one per request
+    model = engine.health()["models"][fake.name]
+    assert engine.health()["ok"] is False and model["serving"] is False
+    assert "the chat template does not put the image first" in model["last_error"]
+
+    # The next batch that fails the same way is answered at once: nothing runs twice for nothing.
+    results = await settle_all(*(engine.submit(fake, make_request(f"s{i}"), tool="t") for i in range(3)))
+    assert fake.batch_sizes[5:] == [3]
+    assert all(isinstance(r, ModelBroken) and "not about your request" in str(r) for r in results), results
+
+    fake.broken = None  # fixed (say, a reload): the first batch that succeeds makes it healthy again
+    assert raw_of(await engine.submit(fake, make_request("t0"), tool="t")) == expected_raw(make_request("t0"))
+    assert engine.health()["ok"] is True and engine.health()["models"][fake.name]["serving"] is True
+
+
+async def test_a_model_broken_error_fails_the_batch_in_one_run(make_engine: EngineFactory) -> None:
+    fake = FakeBackend()
+    fake.broken = ModelBroken("model fake/model cannot lay its prompts out")
+    engine = await make_engine(fake, batch_wait_ms=100.0, max_batch_size=4)
+    results = await settle_all(*(engine.submit(fake, make_request(f"r{i}"), tool="t") for i in range(4)))
+    assert all(r is fake.broken for r in results)
+    assert fake.batch_sizes == [4]
+    assert engine.health()["models"][fake.name]["serving"] is False

@@ -26,11 +26,6 @@ pytest.importorskip("torchvision")  # Molmo2's image processor exists only as a 
 
 
 @pytest.fixture(scope="session")
-def tiny_molmo2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_molmo2(tmp_path_factory.mktemp("tiny-molmo2") / "model")
-
-
-@pytest.fixture(scope="session")
 def backend(tiny_molmo2_dir: Path):
     from vlm_tools.backends.loading import load_backend
 

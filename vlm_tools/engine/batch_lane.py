@@ -227,6 +227,7 @@ class BatchLane:
         logger.warning("a batch of %d on model %s failed (%s); running its requests one by one",
                        len(live), self.backend.name, _signature(error))  # fmt: skip
         seen: dict[str, int] = {}  # each distinct failure is logged with its traceback once
+        failed: list[tuple[Job, Exception]] = []
         for job in live:
             if self._cancelled_before_run(job):
                 continue
@@ -239,9 +240,11 @@ class BatchLane:
                 logger.error("model %s failed on a request alone too", self.backend.name, exc_info=single)
             else:
                 logger.error("model %s failed on another request the same way: %s", self.backend.name, signature)
-            self._finish(job, self._request_error(single), started)
+            failed.append((job, single))
         if seen.get(_signature(error)) == len(live):
-            self._mark_broken(error)
+            self._mark_broken(error)  # before the answers go out: a caller who then asks /health sees it
+        for job, single in failed:
+            self._finish(job, self._request_error(single), started)
 
     def _split_after_oom(self, live: list[Job], started: float) -> None:
         _free_memory(self.backend)
