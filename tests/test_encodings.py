@@ -153,8 +153,8 @@ async def test_a_follow_up_through_the_tools_reuses_the_encoding(tmp_path: Path,
                         image_store_count=2)  # fmt: skip
     server = build_server(settings)
     async with Client(server) as client:
-        backend = server.runtime.backends[0] if server.runtime else None
         made = await client.call_tool("describe_image", {"image": data_uri(png_bytes(80, 60, (200, 30, 30)))})
+        backend = server.runtime.backends[0].loaded  # the weights loaded in the background for the first call
         image_id = made.structured_content["image_id"]
         hits = backend.encodings.hits
         follow = await client.call_tool("answer_about_image", {"image": image_id, "question": "what colour?"})

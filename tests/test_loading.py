@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from vlm_tools.backends import generation, placement  # noqa: E402
 from vlm_tools.backends.hub import model_unavailable  # noqa: E402
-from vlm_tools.backends.loading import load_backend, load_backends, read_family  # noqa: E402
+from vlm_tools.backends.loading import load_backend, prepare_models, read_family  # noqa: E402
 from vlm_tools.errors import ConfigurationError, ModelUnavailable  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
 
@@ -139,7 +139,7 @@ def test_gated_config_fetch_is_reported_as_gated(monkeypatch: pytest.MonkeyPatch
         read_family("google/paligemma2-3b-mix-448")
 
 
-# --- load_backend / load_backends --------------------------------------------------------------------------
+# --- load_backend / prepare_models -------------------------------------------------------------------------
 
 
 def test_molmo_0924_is_sent_to_vllm(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ def test_molmo_0924_is_sent_to_vllm(tmp_path: Path) -> None:
 def test_quantize_is_refused_where_bitsandbytes_cannot_run(
     tiny_paligemma_dir: Path, quantize: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(placement.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
     model = str(tiny_paligemma_dir)
     with pytest.raises(ConfigurationError, match=f"--quantize {quantize} cannot run here: .*x86-64 CPUs, not aarch64"):
         load_backend(model, Settings(model=(model,), device="cpu", quantize=quantize))
@@ -165,7 +165,7 @@ def test_one_unavailable_model_is_skipped_with_a_hint(
     good = str(tiny_paligemma_dir)
     settings = Settings(model=("acme/paligemma-private", good), device="cpu")
     with caplog.at_level(logging.WARNING, logger="vlm_tools.backends.loading"):
-        backends = load_backends(settings)
+        backends = prepare_models(settings)
     assert [b.name for b in backends] == [good]
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     text = record.getMessage()
@@ -178,7 +178,7 @@ def test_one_unavailable_model_is_skipped_with_a_hint(
 def test_no_model_loads_is_a_configuration_error(tmp_path: Path, offline_hub: None) -> None:
     settings = Settings(model=(str(tmp_path / "gone"), "acme/nothing-here"), device="cpu")
     with pytest.raises(ConfigurationError, match="no model could be loaded") as caught:
-        load_backends(settings)
+        prepare_models(settings)
     assert "gone is not a directory" in caught.value.message
     assert "acme/nothing-here" in caught.value.message
 
@@ -186,12 +186,15 @@ def test_no_model_loads_is_a_configuration_error(tmp_path: Path, offline_hub: No
 def test_a_configuration_mistake_is_not_skipped(tmp_path: Path, tiny_paligemma_dir: Path) -> None:
     unsupported = str(config_dir(tmp_path, "bert", {"model_type": "bert"}))
     with pytest.raises(ConfigurationError, match="'bert'"):
-        load_backends(Settings(model=(str(tiny_paligemma_dir), unsupported), device="cpu"))
+        prepare_models(Settings(model=(str(tiny_paligemma_dir), unsupported), device="cpu"))
 
 
-def test_importing_loading_does_not_import_torch() -> None:
+def test_preparing_the_models_imports_neither_torch_nor_transformers(tiny_paligemma_dir: Path) -> None:
+    # Before the transport starts, only configs are read: the handshake must not wait for the heavy imports.
     code = (
-        "import sys, vlm_tools.backends.loading; "
+        "import sys; from vlm_tools.backends.loading import prepare_models; from vlm_tools.settings import Settings; "
+        f"models = prepare_models(Settings(model=({str(tiny_paligemma_dir)!r},))); "
+        "assert [m.family.name for m in models] == ['paligemma'] and models[0].state == 'unloaded'; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

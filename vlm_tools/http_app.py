@@ -131,7 +131,7 @@ def build_http_app(server: VisionServer, settings: Settings, port: int) -> ASGIA
         runtime = server.runtime
         if runtime is None:
             return JSONResponse({"ok": False, "status": "starting or stopping"}, status_code=503)
-        state = runtime.engine.health()
+        state = runtime.health()
         body = {"ok": bool(state.get("ok")), "accepting": state.get("accepting"), "models": state.get("models")}
         return Response(json.dumps(body), status_code=200 if body["ok"] else 503, media_type="application/json")
 

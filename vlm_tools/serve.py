@@ -12,18 +12,19 @@ logger = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> int:
-    """Load the models, then serve over stdio (until stdin closes) or streamable HTTP (until SIGINT/SIGTERM).
+    """Serve over stdio (until stdin closes) or streamable HTTP (until SIGINT/SIGTERM); returns an exit code.
 
-    The models load before any transport starts, so a model that cannot be had stops the command at once with its
-    message (a :class:`~vlm_tools.errors.VlmToolsError` the command line prints), not inside a running server.
-    Returns an exit code.
+    What can fail fast is checked before any transport starts — each model's config and family, whether the hub or
+    the cache can give it — so a model that cannot be had stops the command at once with its message (a
+    :class:`~vlm_tools.errors.VlmToolsError` the command line prints). The weights load once the transport is up,
+    so clients get the handshake and the tool list at once, whatever the load takes.
     """
     from .server import build_server, load_configured_backends
 
     if settings.transport == "http":
         from .http_app import check_bind
 
-        check_bind(settings)  # a refused bind is a settings mistake: say so before loading any model
+        check_bind(settings)  # a refused bind is a settings mistake: say so before anything else
     backends = load_configured_backends(settings)
     server = build_server(settings, load_backends=lambda _settings: backends)
     if settings.transport == "stdio":

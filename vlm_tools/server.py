@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -22,6 +23,8 @@ from pydantic import ValidationError
 
 from . import __version__
 from .backends.base import Backend
+from .backends.loading import before_loading, prepare_models
+from .backends.resident import ResidentModel, load_in_order
 from .engine import Engine
 from .errors import InvalidArgument
 from .images.sources import ImageSources
@@ -106,7 +109,17 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
                 logger.info("tool %s -> %s", tool, model or "unsupported by the loaded models")
             await engine.start()
             server.runtime = Runtime(settings, engine, router, sources, store, metrics, backends=backends)
-            yield server.runtime
+            residents = [backend for backend in backends if isinstance(backend, ResidentModel)]
+            if residents:  # the weights load after the transport is up: clients get their answers at once
+                load_in_order(residents, before=partial(before_loading, settings))
+            logger.info("ready: answering MCP; %s", "; ".join(_described(backend) for backend in backends))
+            async with anyio.create_task_group() as tasks:
+                if settings.idle_unload_s and residents:
+                    tasks.start_soon(unload_when_idle, residents, settings.idle_unload_s)
+                try:
+                    yield server.runtime
+                finally:
+                    tasks.cancel_scope.cancel()
         finally:
             server.runtime = None
             with anyio.CancelScope(shield=True):
@@ -129,11 +142,25 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
 
 
 def load_configured_backends(settings: Settings) -> Sequence[Backend]:
-    """The models ``settings`` name: local ones loaded in this process, or the remote servers' model."""
+    """The models ``settings`` name: local ones (their weights load in the background once the server runs), or
+    the remote servers' model."""
     if settings.backend == "openai":
         from .backends.remote import load_remote_backends
 
         return load_remote_backends(settings)
-    from .backends.loading import load_backends
+    return prepare_models(settings)
 
-    return load_backends(settings)
+
+def _described(backend: Backend) -> str:
+    if isinstance(backend, ResidentModel):
+        return f"{backend.name} ({backend.family.name}, {backend.state})"
+    return f"{backend.name} ({backend.family.name})"
+
+
+async def unload_when_idle(models: Sequence[ResidentModel], idle_s: float) -> None:
+    """Free each model's weights once it has had no call for ``idle_s`` (the next call loads them again)."""
+    period = min(max(idle_s / 4, 0.25), 30.0)
+    while True:
+        await anyio.sleep(period)
+        for model in models:
+            await anyio.to_thread.run_sync(model.unload_if_idle, idle_s)

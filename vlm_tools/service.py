@@ -8,7 +8,9 @@ the typed result, and, when asked, draw it — written once in :meth:`VisionServ
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +40,8 @@ from .settings import Settings
 if TYPE_CHECKING:
     from .pages import Pages, RenderedPage
 
-Progress = Callable[[int, int, str], Awaitable[None]]
-"""``progress(done, total, message)``: called after each page of a document."""
+Progress = Callable[[float, float | None, str], Awaitable[None]]
+"""``progress(done, total, message)``: how a call goes (its model loading, a document's pages)."""
 
 
 @dataclass
@@ -54,6 +56,24 @@ class Runtime:
     metrics: Metrics
     limits: GenerationLimits = field(default_factory=GenerationLimits)
     backends: list[Backend] = field(default_factory=list)
+
+    def health(self) -> dict[str, Any]:
+        """The engine's health with each model's load state: ``ok`` while every model that loaded serves and none
+        is still loading (a model that failed to load is reported, and the others go on serving)."""
+        state = self.engine.health()
+        loading = False
+        for backend in self.backends:
+            status = getattr(backend, "status", None)
+            model = state["models"].setdefault(backend.name, {})
+            model.update(status() if status is not None else {"state": "ready"})
+            loading = loading or model["state"] == "loading"
+            if model["state"] == "failed":  # not serving, by no fault of its lane: it is reported, not counted
+                model["serving"] = False
+        usable = [m for m in state["models"].values() if m["state"] != "failed"]
+        state["ok"] = bool(usable) and state["accepting"] and not loading and all(
+            m.get("alive", True) and m.get("serving", True) for m in usable
+        )
+        return state
 
     def max_new_tokens(self, task: Task, detail: str = "brief") -> int:
         """The token limit for a task: the per-task default, under the configured cap."""
@@ -77,21 +97,26 @@ class VisionService:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    async def describe(self, image: str, scope: str, *, detail: str, language: str) -> DescribeResult:
+    async def describe(
+        self, image: str, scope: str, *, detail: str, language: str, progress: Progress | None = None
+    ) -> DescribeResult:
         """A caption, brief or detailed, in ``language``."""
-        got = await self._ask("describe_image", image, scope, detail=detail, language=language)
+        got = await self._ask("describe_image", image, scope, progress, detail=detail, language=language)
         return DescribeResult(**_common(got), text=got.output.text)
 
-    async def answer(self, image: str, scope: str, *, question: str, language: str) -> AnswerResult:
+    async def answer(
+        self, image: str, scope: str, *, question: str, language: str, progress: Progress | None = None
+    ) -> AnswerResult:
         """The answer to ``question`` about the image."""
-        got = await self._ask("answer_about_image", image, scope, text=question, language=language)
+        got = await self._ask("answer_about_image", image, scope, progress, text=question, language=language)
         return AnswerResult(**_common(got), answer=got.output.text)
 
     async def point(
-        self, image: str, scope: str, *, description: str, max_points: int, frame: Frame | None, annotate: bool
-    ) -> tuple[PointResult, bytes | None]:
+        self, image: str, scope: str, *, description: str, max_points: int, frame: Frame | None, annotate: bool,
+        progress: Progress | None = None,
+    ) -> tuple[PointResult, bytes | None]:  # fmt: skip
         """Points at what ``description`` names, in pixels, normalised and (with ``frame``) frame coordinates."""
-        got = await self._ask("point_to_object", image, scope, text=description, max_points=max_points)
+        got = await self._ask("point_to_object", image, scope, progress, text=description, max_points=max_points)
         size = got.stored.size
         points = [point_result(p, size, frame, source=got.output.point_source) for p in got.output.points]
         result = PointResult(**_common(got), points=points, count=len(points), found=bool(points), frame=frame,
@@ -99,13 +124,14 @@ class VisionService:
         return result, await _drawn(annotate, draw_points, got.stored, points)
 
     async def detect(
-        self, image: str, scope: str, *, labels: list[str], frame: Frame | None, annotate: bool
-    ) -> tuple[DetectResult, bytes | None]:
+        self, image: str, scope: str, *, labels: list[str], frame: Frame | None, annotate: bool,
+        progress: Progress | None = None,
+    ) -> tuple[DetectResult, bytes | None]:  # fmt: skip
         """Boxes around each kind of thing in ``labels`` (blank and repeated labels dropped)."""
         clean = tuple(dict.fromkeys(label.strip() for label in labels if label.strip()))
         if not clean:
             raise InvalidArgument("labels must contain at least one non-blank label")
-        got = await self._ask("detect", image, scope, labels=clean)
+        got = await self._ask("detect", image, scope, progress, labels=clean)
         size = got.stored.size
         detections = [Detection(label=b.label or "", box=box_result(b, size, frame)) for b in got.output.boxes]
         result = DetectResult(
@@ -124,7 +150,10 @@ class VisionService:
         backend = runtime.router.backend_for("read_document")
         source = await runtime.sources.load_bytes(document, scope)
         async with open_pages(source, pages, runtime.settings, runtime.store, scope) as doc:
-            results = await self._read_pages(doc, backend, progress)
+            with _in_use(backend):
+                # Loading is reported below one page (progress < 1), so the page count that follows still grows.
+                await self._ready(backend, progress, None)
+                results = await self._read_pages(doc, backend, progress)
             page_count = doc.page_count
         return DocumentResult(pages=results, page_count=page_count, model=backend.name)
 
@@ -194,21 +223,46 @@ class VisionService:
 
     # --- the spine ----------------------------------------------------------------------------------------
 
-    async def _ask(self, tool: str, image: str, scope: str, **fields: Any) -> Answer:
-        """Load the image, build the request, send it to the model that serves ``tool``, wait for the answer."""
+    async def _ask(self, tool: str, image: str, scope: str, progress: Progress | None, **fields: Any) -> Answer:
+        """Load the image, build the request, send it to the model that serves ``tool`` (once its weights are in),
+        wait for the answer."""
         runtime = self.runtime
         backend = runtime.router.backend_for(tool)
         stored = await runtime.sources.load_image(image, scope)
         task = TOOL_TASKS[tool]
         limit = runtime.max_new_tokens(task, fields.get("detail", "brief"))
         request = Request(task, stored.image, max_new_tokens=limit, image_id=stored.image_id, **fields)
-        output = await runtime.engine.submit(backend, request, tool=tool)
+        with _in_use(backend):
+            left = await self._ready(backend, progress, 1.0)
+            output = await runtime.engine.submit(backend, request, tool=tool, timeout_s=left)
         return Answer(stored, output, backend.name)
+
+    async def _ready(self, backend: Backend, progress: Progress | None, total: float | None) -> float:
+        """Wait until ``backend``'s weights are loaded, telling the caller how the load goes; the seconds left of
+        the request's time limit."""
+        limit = self.runtime.settings.request_timeout_s
+        wait_ready = getattr(backend, "wait_ready", None)
+        if wait_ready is None:
+            return limit
+        started = time.monotonic()
+
+        async def notify(fraction: float, message: str) -> None:
+            if progress is not None:
+                await progress(fraction, total, message)
+
+        await wait_ready(notify, limit)
+        return max(0.0, limit - (time.monotonic() - started))
 
 
 async def _drawn(annotate: bool, draw: Callable[[Any, Any], bytes], stored: StoredImage, items: Any) -> bytes | None:
     """The image with ``items`` drawn on it, as PNG, when ``annotate`` asks for it (in a worker thread)."""
     return await anyio.to_thread.run_sync(draw, stored.image, items) if annotate else None
+
+
+def _in_use(backend: Backend) -> AbstractContextManager[None]:
+    """The model's in-use mark for the length of a call (its weights are not freed under it), where it has one."""
+    in_use = getattr(backend, "in_use", None)
+    return in_use() if in_use is not None else nullcontext()
 
 
 def _common(got: Answer) -> dict[str, Any]:

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, description="Time limit for one request, queue wait included.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long running requests may finish.")
 
+    idle_unload_s: float | None = Field(
+        None, gt=0, description="Free a local model's weights after this many seconds without a call (GPU memory "
+        "back to the desktop); the next call loads them again, with progress. Default: never.",
+    )
+
     max_new_tokens: int | None = Field(
         None, ge=1, le=8192, description="Cap on new tokens per request for every task (default: the per-task limits)."
     )

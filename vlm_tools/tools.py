@@ -112,14 +112,18 @@ async def describe_image(
     image: ImageArg, ctx: Context, detail: DetailArg = "brief", language: LanguageArg = "en"
 ) -> DescribeResult:
     """Describe what an image shows (a screenshot, photo, chart, page)."""
-    return await service_of(ctx).describe(image, scope_of(ctx), detail=detail, language=language)
+    return await service_of(ctx).describe(
+        image, scope_of(ctx), detail=detail, language=language, progress=ctx.report_progress
+    )
 
 
 async def answer_about_image(
     image: ImageArg, question: QuestionArg, ctx: Context, language: LanguageArg = "en"
 ) -> AnswerResult:
     """Answer a question about an image: what a label says, whether a dialog is open, what colour a thing is."""
-    return await service_of(ctx).answer(image, scope_of(ctx), question=question, language=language)
+    return await service_of(ctx).answer(
+        image, scope_of(ctx), question=question, language=language, progress=ctx.report_progress
+    )
 
 
 async def point_to_object(
@@ -129,8 +133,9 @@ async def point_to_object(
     """Find where things are: returns points (pixels, normalised, and in `frame` when given) to click or count.
     `found` is false with no points when nothing matches."""
     result, png = await service_of(ctx).point(
-        image, scope_of(ctx), description=description, max_points=max_points, frame=frame, annotate=annotate
-    )
+        image, scope_of(ctx), description=description, max_points=max_points, frame=frame, annotate=annotate,
+        progress=ctx.report_progress,
+    )  # fmt: skip
     return with_image(result, png)
 
 
@@ -139,7 +144,9 @@ async def detect(
 ) -> Annotated[CallToolResult, DetectResult]:
     """Detect objects of the given kinds and return their bounding boxes (pixels, normalised, and in `frame` when
     given), each with its centre."""
-    result, png = await service_of(ctx).detect(image, scope_of(ctx), labels=labels, frame=frame, annotate=annotate)
+    result, png = await service_of(ctx).detect(
+        image, scope_of(ctx), labels=labels, frame=frame, annotate=annotate, progress=ctx.report_progress
+    )
     return with_image(result, png)
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..families.base import Family
     from ..settings import Settings
     from .base import Backend
+    from .resident import ResidentModel
 
 log = logging.getLogger(__name__)
 
@@ -95,29 +96,53 @@ def load_backend(model: str, settings: Settings, *, local_files_only: bool = Fal
     return backend_class.load(model, family, settings, local_files_only=local_files_only)  # type: ignore[attr-defined]
 
 
-def load_backends(settings: Settings) -> list[Backend]:
-    """Load every ``settings.model``; skip the unavailable ones with a log line saying how to enable them.
+def prepare_models(settings: Settings) -> list[ResidentModel]:
+    """Every ``settings.model`` known by its family (read from its config) and ready to load in the background;
+    no weights are read and neither torch nor transformers is imported, so the server can answer clients at once.
 
-    The hub is asked only when it can be reached (one quick check per process), so a machine without network fails
-    in seconds. Start-up goes on as long as one model loads; each skipped model is said once. Errors that are not
-    about availability (an unsupported family, quantisation where it cannot run) stop start-up at once.
+    What can fail fast fails here: a model the hub cannot give is skipped with a line saying how to enable it,
+    and when none is left :class:`ModelUnavailable` lists them all; a family that cannot run in process, or a
+    quantisation this machine cannot run, is a :class:`ConfigurationError`. The hub is asked only when it can be
+    reached (one quick check per process), so a machine without network fails in seconds.
     """
+    from .resident import ResidentModel
+
+    if settings.quantize != "none" and settings.device in ("cpu", "mps"):
+        _check_quantization(settings.quantize, settings.device)
+    models: list[ResidentModel] = []
+    failures: list[tuple[str, str]] = []
+    for model in settings.model:
+        only_local = local_files_only(model)
+        try:
+            family = read_family(model, local_files_only=only_local)
+        except ModelUnavailable as error:
+            failures.append((model, error.message))
+            continue
+        if family.local_backend is None:
+            raise ConfigurationError(f"{model} {family.not_local}")
+        models.append(ResidentModel.local(model, family, settings, local_files_only=only_local))
+    if not models:
+        raise ModelUnavailable("no model could be loaded:\n  " + "\n  ".join(message for _, message in failures))
+    for model, message in failures:
+        log.warning("skipping %s: %s %s", model, message, what_is_lost(model))
+    return models
+
+
+def before_loading(settings: Settings) -> None:
+    """What runs once before the first weights load (on the loading thread): the libraries' logs routed to ours,
+    and the memory warning on the CPU."""
     from ..logs import route_library_logs
 
     route_library_logs()
     warn_if_heavy_on_cpu(settings)
-    backends: list[Backend] = []
-    failures: list[tuple[str, str]] = []
-    for model in settings.model:
-        try:
-            backends.append(load_backend(model, settings, local_files_only=local_files_only(model)))
-        except ModelUnavailable as error:
-            failures.append((model, error.message))
-    if not backends:
-        raise ModelUnavailable("no model could be loaded:\n  " + "\n  ".join(message for _, message in failures))
-    for model, message in failures:
-        log.warning("skipping %s: %s %s", model, message, what_is_lost(model))
-    return backends
+
+
+def _check_quantization(quantize: str, device: str) -> None:
+    from .quantization import quantization_support
+
+    why_not = quantization_support(device)
+    if why_not is not None:
+        raise ConfigurationError(f"--quantize {quantize} cannot run here: {why_not}")
 
 
 CPU_WARNING_BYTES = 8e9

@@ -22,6 +22,7 @@ from . import generation, placement
 from .base import BatchBackend, Outcome, Request
 from .encodings import EncodingCache
 from .hub import ModelRef, model_unavailable
+from .resident import WEIGHTS_END, report_phase
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,11 +90,14 @@ class LocalBackend(BatchBackend):
         ref = ModelRef.parse(model)
         try:
             local = {"trust_remote_code": False, "local_files_only": local_files_only, **ref.pretrained_kwargs}
+            report_phase(0.02, "reading the processor")
             processor = AutoProcessor.from_pretrained(ref.model_id, **local)
+            report_phase(0.05, "reading the weights")
             network = AutoModelForImageTextToText.from_pretrained(ref.model_id, **local, **place.kwargs)
         except OSError as error:  # missing files, no network, gated: say how to make the model available
             raise model_unavailable(model, error) from error
         network.eval()
+        report_phase(WEIGHTS_END, "checking the model")
         log.info("loaded %s (%s) on %s: %s", model, family.name, place.describe(),
                  placement.memory_taken(network, place.device))  # fmt: skip
         return cls(

@@ -6,10 +6,7 @@ Imported only when a local backend loads (it imports torch at module level).
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import logging
-import platform
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigurationError
+from .quantization import quantization_support
 
 if TYPE_CHECKING:
     from ..families.base import Family
@@ -94,25 +92,6 @@ def quantization_config(setting: str, device: str, compute_dtype: torch.dtype, k
             llm_int8_skip_modules=list(keep),
         )  # fmt: skip
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep))
-
-
-def quantization_support(device: str) -> str | None:
-    """Why bitsandbytes cannot quantise on ``device`` here, or ``None`` when it can (CUDA; x86-64 CPUs)."""
-    if device == "mps":
-        return "bitsandbytes does not run on Apple's MPS: drop --quantize or use --device cpu"
-    if device == "cpu" and platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"bitsandbytes runs on x86-64 CPUs, not {platform.machine()}: drop --quantize or run on a GPU host"
-    try:
-        version = importlib.metadata.version("bitsandbytes")
-    except importlib.metadata.PackageNotFoundError:
-        return "bitsandbytes is not installed: pip install 'vlm-tools[quantize]'"
-    if device == "cpu" and _version_tuple(version) < (0, 47):
-        return f"bitsandbytes {version} quantises only on CUDA; 0.47 or newer runs on x86-64 CPUs"
-    return None
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
 @dataclass(frozen=True)
