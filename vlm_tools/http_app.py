@@ -18,7 +18,8 @@ import math
 import signal
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
 import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
@@ -121,8 +122,15 @@ def _plain(status: int, text: str) -> Response:
     return Response(text, status_code=status, media_type="text/plain")
 
 
-def build_http_app(server: VisionServer, settings: Settings, port: int) -> ASGIApp:
-    """The ASGI app serving ``server`` on ``port`` (the port actually bound)."""
+def build_http_app(
+    server: VisionServer, settings: Settings, port: int, *, stateless: bool = False,
+    health_extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+) -> ASGIApp:  # fmt: skip
+    """The ASGI app serving ``server`` on ``port`` (the port clients reach it on).
+
+    ``stateless`` serves every request on its own (no ``Mcp-Session-Id``), as replicas behind a balancer must;
+    ``health_extra`` adds to the ``/health`` answer (a scaled deployment's replica counts).
+    """
     hosts = allowed_hosts(settings, port)
     origins = allowed_origins(settings, port)
 
@@ -133,6 +141,8 @@ def build_http_app(server: VisionServer, settings: Settings, port: int) -> ASGIA
             return JSONResponse({"ok": False, "status": "starting or stopping"}, status_code=503)
         state = runtime.health()
         body = {"ok": bool(state.get("ok")), "accepting": state.get("accepting"), "models": state.get("models")}
+        if health_extra is not None:
+            body |= await health_extra()
         return Response(json.dumps(body), status_code=200 if body["ok"] else 503, media_type="application/json")
 
     @server.custom_route("/metrics", methods=["GET"])
@@ -145,6 +155,7 @@ def build_http_app(server: VisionServer, settings: Settings, port: int) -> ASGIA
         max_request_body_size=request_body_limit(settings),
         transport_security=TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins),
         host=settings.host,
+        stateless_http=stateless,
     )
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     return Gate(app, hosts=hosts, origins=origins, token=token)

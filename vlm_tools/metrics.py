@@ -40,6 +40,8 @@ class Metrics:
         run_seconds: histogram ``vlm_tools_run_seconds{tool}``: start of its batch to its answer.
         requests: counter ``vlm_tools_requests_total{tool,outcome,code}``: finished tool calls.
         unreadable: counter ``vlm_tools_unreadable_outputs_total{model,tool}``: answers with markup not read.
+        affinity: counter ``vlm_tools_image_affinity_total{model,held}``: requests on an image id by whether the
+            replica that ran them already held the image (``--scale ray``).
     """
 
     def __init__(self) -> None:
@@ -80,6 +82,12 @@ class Metrics:
             ["model", "tool"],
             registry=self.registry,
         )
+        self.affinity = Counter(
+            "vlm_tools_image_affinity",
+            "Requests on an image_id by whether the model replica that ran them already held the image's encoding.",
+            ["model", "held"],
+            registry=self.registry,
+        )
         self._counted_errors: weakref.WeakSet[BaseException] = weakref.WeakSet()
         self._lock = threading.Lock()
 
@@ -118,6 +126,10 @@ class Metrics:
     def record_unreadable(self, model: str, tool: str) -> None:
         """Count one answer of ``model`` whose geometry markup could not be read."""
         self.unreadable.labels(model=model, tool=tool).inc()
+
+    def record_affinity(self, model: str, *, held: bool) -> None:
+        """Count one request on an image id by whether its replica already held the image (``--scale ray``)."""
+        self.affinity.labels(model=model, held="yes" if held else "no").inc()
 
     def record_batch(self, model: str, task: str, size: int) -> None:
         """Record one ``run_batch`` call of ``size`` requests."""

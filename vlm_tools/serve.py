@@ -25,6 +25,10 @@ def serve(settings: Settings) -> int:
         from .http_app import check_bind
 
         check_bind(settings)  # a refused bind is a settings mistake: say so before anything else
+    if settings.scale == "ray":
+        from .scale.app import run_on_ray
+
+        return run_on_ray(settings)
     backends = load_configured_backends(settings)
     server = build_server(settings, load_backends=lambda _settings: backends)
     if settings.transport == "stdio":

@@ -54,6 +54,31 @@ class Settings(BaseSettings):
         (), description="HTTP: extra Host header values allowed (repeatable), e.g. vlm.internal:8000."
     )
 
+    # --- past one process: Ray Serve ------------------------------------------------------------------------
+    scale: Literal["none", "ray"] = Field(
+        "none", description="HTTP: one process (none), or Ray Serve (ray): an MCP ingress and one autoscaled "
+        "deployment of model replicas per model.",
+    )
+    ray_address: str | None = Field(
+        None, description="--scale ray: the Ray cluster to join (auto, or ray://head:10001); default: start one here."
+    )
+    min_replicas: int = Field(1, ge=1, le=1000, description="--scale ray: fewest replicas per model.")
+    max_replicas: int = Field(2, ge=1, le=1000, description="--scale ray: most replicas per model.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="--scale ray: requests in flight per model replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(
+        5.0, ge=0, description="--scale ray: how long the load must stay above the target before a replica is added."
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="--scale ray: how long the load must stay below the target before one is removed."
+    )
+    ingress_replicas: int = Field(
+        1, ge=1, le=1000, description="--scale ray: MCP ingress replicas (more than one needs --image-store redis://…)."
+    )
+    replica_gpus: float = Field(0.0, ge=0, description="--scale ray: GPUs per model replica (e.g. 1).")
+    replica_cpus: float = Field(1.0, ge=0, description="--scale ray: CPUs per model replica.")
+
     # --- models -------------------------------------------------------------------------------------------
     backend: Literal["local", "openai"] = Field(
         "local", description="local: models resident in this process; openai: an OpenAI-compatible server (vLLM)."
@@ -159,6 +184,11 @@ class Settings(BaseSettings):
     def _check_combinations(self) -> Settings:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("the openai backend needs at least one --base-url")
+        if self.scale == "ray":
+            if self.transport != "http" or self.backend != "local":
+                raise ValueError("--scale ray serves streamable HTTP over local models: --transport http --backend local")
+            if self.min_replicas > self.max_replicas:
+                raise ValueError(f"--min-replicas {self.min_replicas} is more than --max-replicas {self.max_replicas}")
         return self
 
     # --- derived ------------------------------------------------------------------------------------------
