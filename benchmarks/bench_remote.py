@@ -34,7 +34,8 @@ from PIL import Image
 
 from vlm_tools.backends.base import Backend, Request, Task
 from vlm_tools.engine import Engine
-from vlm_tools.testing.inference_servers import transformers_server, vllm_server, with_chat_template
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the inference-server helpers the tests use
+from inference_servers import transformers_server, vllm_server, with_chat_template  # noqa: E402
 
 log = logging.getLogger("bench_remote")
 

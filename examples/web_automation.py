@@ -86,7 +86,7 @@ DEMO_OBJECTS = (
 def demo_page(viewport: tuple[int, int]) -> tuple[str, list[str]]:
     """The demo page laid out for ``viewport`` (sizes scale with its short side, as in the training scenes), and
     the names of the things on it."""
-    from vlm_tools.testing.ui_scenes import Background, SceneObject, scene_html
+    from vlm_tools.scenes import Background, SceneObject, scene_html
 
     width, height = viewport
     short = min(width, height)

@@ -1,7 +1,7 @@
 """Train the tiny grounding fixture models committed under ``tests/fixtures/models/``.
 
 Two models, each a few MB, each trained for minutes on a CPU to do one real, simple grounding job on the synthetic
-screenshots of :mod:`vlm_tools.testing.ui_scenes`:
+screenshots of :mod:`vlm_tools.scenes`:
 
 * ``paligemma-ui`` — a PaliGemma 2 (SigLIP + Gemma 2) that answers ``detect red button`` with one box in its native
   ``<locY0><locX0><locY1><locX1> red button`` format;

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vlm_tools.server import build_server
 from vlm_tools.settings import Settings
-from vlm_tools.testing.ui_scenes import random_background, random_layout, scene_html
+from vlm_tools.scenes import random_background, random_layout, scene_html
 
 from helpers import data_uri, static_site
 

@@ -21,7 +21,7 @@ import pytest
 from vlm_tools.errors import InvalidArgument
 from vlm_tools.evaluation import box_iou, median, parse_sizes, point_in_box, run_eval, scene_seed
 from vlm_tools.settings import Settings
-from vlm_tools.testing import ui_scenes
+from vlm_tools import scenes as ui_scenes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 MOLMO2 = FIXTURES / "molmo2-ui"

@@ -21,7 +21,7 @@ from vlm_tools.backends.base import Backend, Output, Request, Task
 from vlm_tools.backends.remote import RemoteBackend, load_remote_backends
 from vlm_tools.families import get_family
 from vlm_tools.settings import Settings
-from vlm_tools.testing.inference_servers import InferenceServer, transformers_server, with_chat_template
+from inference_servers import InferenceServer, transformers_server, with_chat_template
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

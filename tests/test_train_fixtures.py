@@ -21,7 +21,7 @@ import torch
 
 from vlm_tools.parsing.molmo2 import parse_points
 from vlm_tools.parsing.paligemma import parse_detections
-from vlm_tools.testing import ui_scenes
+from vlm_tools import scenes as ui_scenes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from fixture_training import molmo2, paligemma, supervision

@@ -36,8 +36,8 @@ from helpers import borrowed, data_uri, pdf_of, png_of, run_requests, settings_f
 from vlm_tools.backends.base import Backend, Output, Request, Task
 from vlm_tools.backends.remote import RemoteBackend, load_remote_backends
 from vlm_tools.families import get_family
-from vlm_tools.testing import ui_scenes
-from vlm_tools.testing.inference_servers import InferenceServer, vllm_server
+from vlm_tools import scenes as ui_scenes
+from inference_servers import InferenceServer, vllm_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

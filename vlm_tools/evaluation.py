@@ -1,7 +1,7 @@
 """Grounding accuracy suite: do points and boxes land where they should, through the real tools?
 
 ``vlm-tools eval --model DIR [--model DIR …]`` draws held-out synthetic screenshots
-(:mod:`vlm_tools.testing.ui_scenes`) at several canvas sizes, asks the REAL MCP tools about each scene's target
+(:mod:`vlm_tools.scenes`) at several canvas sizes, asks the REAL MCP tools about each scene's target
 through an in-memory MCP client (images sent as ``data:`` URIs, exactly as an agent would send them; the second
 tool reuses the ``image_id`` the first returned), and scores what comes back against the known geometry:
 
@@ -244,7 +244,7 @@ async def evaluate(
     from mcp import Client
 
     from .server import build_server
-    from .testing import ui_scenes
+    from . import scenes as ui_scenes
 
     if count < 1:
         raise InvalidArgument("count must be at least 1")

@@ -224,7 +224,7 @@ def model_card(
     card = f"""# {record["family"]} UI-grounding test fixture
 
 A {record["parameters"]:,}-parameter {record["family"]} model trained from scratch on synthetic UI screenshots
-(`vlm_tools/testing/ui_scenes.py`: coloured buttons and shapes on plain or gradient backgrounds) for ONE job:
+(`vlm_tools/scenes.py`: coloured buttons and shapes on plain or gradient backgrounds) for ONE job:
 {task}. It exists so the test-suite can prove that pixels survive the whole trip (image → processor → model →
 tokens → parser → pixels → frame → click) with a model that actually grounds. It knows nothing else; do not use it
 for anything but tests and demos. Load it like a hub checkpoint: `vlm-tools serve --model <this directory>`.

@@ -15,8 +15,8 @@ import torch
 
 from vlm_tools.backends.base import Backend, Request, Task
 from vlm_tools.evaluation import box_iou, point_in_box
-from vlm_tools.testing import ui_scenes
-from vlm_tools.testing.ui_scenes import Scene
+from vlm_tools import scenes as ui_scenes
+from vlm_tools.scenes import Scene
 
 from .settings import TrainSettings, lr_factor
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from vlm_tools.backends.base import Backend, Request, Task
 from vlm_tools.families import get_family
-from vlm_tools.testing import ui_scenes
-from vlm_tools.testing.ui_scenes import Scene
+from vlm_tools import scenes as ui_scenes
+from vlm_tools.scenes import Scene
 
 from .loop import Recipe
 from .settings import TrainSettings

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from vlm_tools.testing.ui_scenes import Scene
+from vlm_tools.scenes import Scene
 
 from .settings import TrainSettings
 
