@@ -12,10 +12,6 @@ from pathlib import Path
 
 from ..errors import ConfigurationError, ModelUnavailable
 
-OFFLINE_TRIAL = (
-    "To try the tools without a download, in a clone of the vlm-tools repository: "
-    "--model tests/fixtures/models/molmo2-ui --model tests/fixtures/models/paligemma-ui"
-)
 
 
 def looks_local(model: str) -> bool:
@@ -90,8 +86,16 @@ def model_unavailable(model: str, error: BaseException) -> ModelUnavailable:
     return ModelUnavailable(
         f"{model} is not in the local cache and {where}. Download it once where the hub can be reached "
         f"(vlm-tools pull {model}), or pass --model with a local directory holding the model; set HF_HUB_OFFLINE=1 "
-        f"to never ask the hub. {OFFLINE_TRIAL}"
+        f"to never ask the hub. {offline_trial()}"
     )
+
+
+def offline_trial() -> str:
+    """How to try the tools without a download: the repository's small trained models, one per family."""
+    from ..families import FAMILIES
+
+    flags = " ".join(f"--model {f.offline_fixture}" for f in FAMILIES if f.offline_fixture)
+    return f"To try the tools without a download, in a clone of the vlm-tools repository: {flags}"
 
 
 @functools.cache

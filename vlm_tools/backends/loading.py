@@ -36,7 +36,7 @@ def read_config(ref: ModelRef, *, local_files_only: bool = False) -> dict:
         directory = Path(ref.model_id).expanduser()
         if not directory.is_dir():
             raise ModelUnavailable(f"{ref} is not a directory: pass --model with a directory made by save_pretrained, "
-                                   "or a hub id such as allenai/Molmo2-4B")  # fmt: skip
+                                   "or a hub id (org/name)")  # fmt: skip
         path = directory / "config.json"
         if not path.is_file():
             raise ModelUnavailable(f"{ref} holds no config.json: pass a directory made by save_pretrained (model and "

@@ -19,7 +19,7 @@ from typing import Any
 from ..backends.base import BatchBackend, Output, Request
 from ..errors import Busy, Cancelled, ModelBroken, ModelError, Timeout, VlmToolsError
 from ..metrics import Metrics
-from .jobs import Job, State
+from .jobs import Job, Limits, State
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +27,10 @@ logger = logging.getLogger(__name__)
 class BatchLane:
     """The queue and workers of one :class:`BatchBackend`. ``cond`` guards the mutable state and wakes workers."""
 
-    def __init__(self, backend: BatchBackend, *, batch_limit: int, batch_wait_s: float, queue_size: int,
-                 request_timeout_s: float, metrics: Metrics) -> None:  # fmt: skip
+    def __init__(self, backend: BatchBackend, limits: Limits, metrics: Metrics) -> None:
         self.backend = backend
-        self.batch_limit = batch_limit
-        self.batch_wait_s = batch_wait_s
-        self.queue_size = queue_size
-        self.request_timeout_s = request_timeout_s
+        self.limits = limits
+        self.batch_limit = max(1, min(limits.batch_size, backend.max_batch_size))
         self.metrics = metrics
         self.cond = threading.Condition()
         self.queue: deque[Job] = deque()
@@ -86,7 +83,7 @@ class BatchLane:
             if self.dead:
                 raise ModelError(f"model {self.backend.name} is unavailable: its worker stopped ({self.last_error}); "
                                  "restart the server or use another model")  # fmt: skip
-            if len(self.queue) >= self.queue_size:
+            if len(self.queue) >= self.limits.queue_size:
                 raise Busy(f"{len(self.queue)} requests are already waiting for {self.backend.name}; "
                            "retry in a moment (a few seconds)")  # fmt: skip
             job = Job(request, tool, loop, loop.create_future(), now, deadline)
@@ -148,7 +145,7 @@ class BatchLane:
         behind. Counting from arrival alone starts a backlog at once, before the callers that batch just answered
         can come back, and concurrent callers then split for good into smaller batches that take turns.
         """
-        gather_until = max(head.enqueued_at, self.freed_at) + self.batch_wait_s
+        gather_until = max(head.enqueued_at, self.freed_at) + self.limits.batch_wait_s
         while (
             not self.stopping
             and self.queue
@@ -169,7 +166,7 @@ class BatchLane:
                 continue
             job.state = State.WITHDRAWN
             if job.deadline <= now:  # its caller is timing out right now: never spend compute on it
-                job.deliver(Timeout(f"the request waited longer than {self.request_timeout_s:g} s"))
+                job.deliver(Timeout(f"the request waited longer than {self.limits.request_timeout_s:g} s"))
             elif job.request.cancel.is_set():
                 job.deliver(Cancelled("the request was cancelled before it ran"))
             else:

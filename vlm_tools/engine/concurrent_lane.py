@@ -16,7 +16,7 @@ from ..backends.base import ConcurrentBackend, Request
 from ..errors import Busy, ModelError, VlmToolsError
 from ..metrics import Metrics
 from .batch_lane import _prefetch
-from .jobs import Job, State
+from .jobs import Job, Limits, State
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 class ConcurrentLane:
     """The in-flight slots of one :class:`ConcurrentBackend`; lives on the event loop (no threads)."""
 
-    def __init__(self, backend: ConcurrentBackend, *, queue_size: int, metrics: Metrics) -> None:
+    def __init__(self, backend: ConcurrentBackend, limits: Limits, metrics: Metrics) -> None:
         self.backend = backend
-        self.queue_size = queue_size
+        self.queue_size = limits.queue_size
         self.metrics = metrics
         self.slots = asyncio.Semaphore(max(1, backend.concurrency))
         self.runners: dict[Job, asyncio.Task[None]] = {}

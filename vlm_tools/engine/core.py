@@ -13,7 +13,7 @@ from ..errors import Cancelled, ShuttingDown, Timeout, VlmToolsError
 from ..metrics import Metrics
 from .batch_lane import BatchLane
 from .concurrent_lane import ConcurrentLane
-from .jobs import Job
+from .jobs import Job, Limits
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -72,14 +72,11 @@ class Engine:
         )  # fmt: skip
 
     def _lane_for(self, backend: Backend) -> Lane:
+        limits = Limits(self.max_batch_size, self.batch_wait_s, self.queue_size, self.request_timeout_s)
         if isinstance(backend, ConcurrentBackend):
-            return ConcurrentLane(backend, queue_size=self.queue_size, metrics=self.metrics)
+            return ConcurrentLane(backend, limits, self.metrics)
         if isinstance(backend, BatchBackend):
-            return BatchLane(
-                backend, batch_limit=max(1, min(self.max_batch_size, backend.max_batch_size)),
-                batch_wait_s=self.batch_wait_s, queue_size=self.queue_size,
-                request_timeout_s=self.request_timeout_s, metrics=self.metrics,
-            )  # fmt: skip
+            return BatchLane(backend, limits, self.metrics)
         raise TypeError(f"{type(backend).__name__} is neither a BatchBackend nor a ConcurrentBackend")
 
     # --- life cycle ---------------------------------------------------------------------------------------

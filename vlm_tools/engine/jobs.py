@@ -9,6 +9,17 @@ from enum import Enum
 from ..backends.base import Output, Request
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What bounds a lane: the most requests in a batch, how long a batch may gather, how many requests may wait,
+    how long one may take."""
+
+    batch_size: int
+    batch_wait_s: float
+    queue_size: int
+    request_timeout_s: float
+
+
 class State(Enum):
     """Where a job is: waiting in its lane's queue, running, or gone (answered, or its caller left)."""
 

@@ -33,9 +33,9 @@ class Family(ABC):
     Attributes:
         name: the registry key (``--remote-family``, ``--route TOOL=family``).
         title: the family as users know it, for messages (``"PaliGemma 2"``).
-        model_types: ``config.json`` ``model_type`` values of its checkpoints.
-        name_markers: lower-case substrings that identify it in a model's name (a served model's name, or a hub
-            id whose config cannot be read); the longest match over all families wins.
+        model_types, name_markers: ``config.json`` ``model_type`` values of its checkpoints, and lower-case
+            substrings that identify it in a model's name (the longest match over all families wins); its name
+            unless it says otherwise.
         native: tasks it does natively; supported: tasks it can serve at all (a superset).
         control_tokens: spellings of its tokenizer's control tokens, broken up in caller text.
         local_backend: ``"module:Class"`` of its in-process backend, or ``None`` when it cannot run in process.
@@ -47,12 +47,11 @@ class Family(ABC):
         serve_by_default: whether its first checkpoint is one of the server's default models.
         gated: whether its hub checkpoints need a licence accepted and a token.
         without_it: what the server cannot do when no model of this family loads.
+        offline_fixture: the repository's small trained model of the family, to try the tools without a download.
     """
 
     name: str
     title: str
-    model_types: tuple[str, ...]
-    name_markers: tuple[str, ...]
     native: frozenset[Task]
     supported: frozenset[Task]
     control_tokens: re.Pattern[str]
@@ -65,6 +64,7 @@ class Family(ABC):
     serve_by_default: bool = False
     gated: bool = False
     without_it: str = ""
+    offline_fixture: str | None = None
 
     @abstractmethod
     def prompt(self, request: Request) -> str:
@@ -78,6 +78,16 @@ class Family(ABC):
     def caller_text(self, text: str) -> str:
         """Caller text as it may enter a prompt: control-token spellings broken up (see :func:`neutralise`)."""
         return neutralise(text, self.control_tokens)
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """``config.json`` ``model_type`` values of its checkpoints: by default, its name."""
+        return (self.name,)
+
+    @property
+    def name_markers(self) -> tuple[str, ...]:
+        """Lower-case substrings that identify it in a model's name: by default, its name."""
+        return (self.name,)
 
     @property
     def example(self) -> str:

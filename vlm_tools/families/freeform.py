@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from types import ModuleType
 
 from ..backends.base import Output, Request, Task
 from ..errors import InvalidArgument
@@ -26,7 +26,8 @@ _DETERMINER = re.compile(r"(?i)(the|a|an|all|every|each|any|some|this|that|these
 
 
 class FreeFormFamily(Family):
-    """Free-form English instructions; points read by :attr:`parse_points`, prose by :attr:`clean_text`."""
+    """Free-form English instructions; the answer read by :attr:`parser` (``parse_points``, ``unread_markup``,
+    ``clean_text``: one of :mod:`vlm_tools.parsing`)."""
 
     native = frozenset({Task.CAPTION, Task.ANSWER, Task.POINT, Task.OCR})
     supported = native
@@ -34,9 +35,7 @@ class FreeFormFamily(Family):
     brief_caption = "Describe this image in one or two sentences."
     detailed_caption = "Describe this image in detail."
     ocr_instruction = "Transcribe all the text in this image. Keep the reading order."
-    parse_points: Callable[[str], list[NormPoint]]
-    unread_markup: Callable[[str], int]
-    clean_text: Callable[[str], str]
+    parser: ModuleType
 
     def prompt(self, request: Request) -> str:
         """A free-form instruction; for a language other than English, " Answer in <language>." is added."""
@@ -66,9 +65,10 @@ class FreeFormFamily(Family):
 
     def interpret(self, request: Request, raw: str) -> Output:
         """Points (at most ``max_points``, labelled by ``alt`` or the description) and the prose around them."""
-        text = self.clean_text(raw)
+        text = self.parser.clean_text(raw)
         if request.task is not Task.POINT:
             return Output(raw=raw, text=text)
         fallback, limit = one_line(request.text) or None, max(request.max_points, 0)
-        points = [p if p.label else NormPoint(p.x, p.y, fallback) for p in self.parse_points(raw)[:limit]]
-        return Output(raw=raw, text=text, points=points, point_source="native", unreadable=self.unread_markup(raw))
+        points = [p if p.label else NormPoint(p.x, p.y, fallback) for p in self.parser.parse_points(raw)[:limit]]
+        unreadable = self.parser.unread_markup(raw)
+        return Output(raw=raw, text=text, points=points, point_source="native", unreadable=unreadable)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..parsing import molmo as parser
+from ..parsing import molmo as molmo_parser
 from .freeform import FreeFormFamily
 
 CONTROL_TOKENS = re.compile(r"<\|[a-z_]{1,40}\|>|<(?:im_patch|im_col|im_start|im_end)>")
@@ -16,15 +16,11 @@ class Molmo(FreeFormFamily):
 
     name = "molmo"
     title = "Molmo (0924)"
-    model_types = ("molmo",)
-    name_markers = ("molmo",)
     control_tokens = CONTROL_TOKENS
     not_local = (
         "is a Molmo 0924 model, whose code lives in its repository and does not run on the transformers this server "
-        "uses: serve it with vLLM (--trust-remote-code) and use --backend openai (see docs/remote.md), or use Molmo2"
+        "uses: serve it with vLLM (--trust-remote-code) and use --backend openai (see docs/remote.md)"
     )
     detailed_caption = "Describe this image."  # the Molmo card's prompt; PixMo-Cap taught it long captions
     without_it = "native pointing is unavailable"
-    parse_points = staticmethod(parser.parse_points)
-    unread_markup = staticmethod(parser.unread_markup)
-    clean_text = staticmethod(parser.clean_text)
+    parser = molmo_parser

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from ..parsing import molmo2 as parser
+from ..parsing import molmo2 as molmo2_parser
 from .base import Checkpoint
 from .freeform import FreeFormFamily
 
@@ -25,14 +25,11 @@ class Molmo2(FreeFormFamily):
 
     name = "molmo2"
     title = "Molmo2"
-    model_types = ("molmo2",)
-    name_markers = ("molmo2",)
     control_tokens = CONTROL_TOKENS
     local_backend = "vlm_tools.backends.molmo2_local:Molmo2Backend"
     attention = "sdpa"  # exact; flash attention would drop the bidirectional mask over image tokens
     checkpoints = (Checkpoint("allenai/Molmo2-4B", 4_850_869_200),)  # vision tower cut to the 25 layers it reads
     serve_by_default = True
+    offline_fixture = "tests/fixtures/models/molmo2-ui"
     without_it = "native pointing is unavailable"
-    parse_points = staticmethod(parser.parse_points)
-    unread_markup = staticmethod(parser.unread_markup)
-    clean_text = staticmethod(parser.clean_text)
+    parser = molmo2_parser

@@ -25,8 +25,6 @@ class PaliGemma(Family):
 
     name = "paligemma"
     title = "PaliGemma 2"
-    model_types = ("paligemma",)
-    name_markers = ("paligemma",)
     native = frozenset({Task.CAPTION, Task.ANSWER, Task.DETECT, Task.OCR})
     supported = native | {Task.POINT}
     control_tokens = CONTROL_TOKENS
@@ -37,6 +35,7 @@ class PaliGemma(Family):
     unstable_dtypes = frozenset({"float16"})  # Gemma 2 activations overflow float16 (vLLM refuses it too)
     checkpoints = (Checkpoint("google/paligemma2-3b-mix-448", 3_033_127_152),)  # embeddings tied
     serve_by_default = True
+    offline_fixture = "tests/fixtures/models/paligemma-ui"
     gated = True
     without_it = "detect (boxes) is unavailable"
 

@@ -4,9 +4,3 @@ One module per family convention (PaliGemma bins, Molmo percent, Molmo2 0–1000
 normalised values through :func:`vlm_tools.geometry.from_scale` and nowhere else. Parsers never raise on
 model output (garbage gives an empty result) and raise ``TypeError`` only for a non-``str`` argument.
 """
-
-from __future__ import annotations
-
-from . import molmo, molmo2, paligemma
-
-__all__ = ["molmo", "molmo2", "paligemma"]

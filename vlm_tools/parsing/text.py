@@ -14,7 +14,7 @@ from dataclasses import dataclass
 # Chat-template specials of the Qwen / OLMo tokenizers Molmo and Molmo2 use (``<|im_end|>``,
 # ``<|endoftext|>``, ...), and Molmo2's image placeholders, which appear only when a prompt is echoed.
 _CHAT_SPECIAL = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
-_MOLMO2_IMAGE_TOKENS = re.compile(
+_IMAGE_TOKENS = re.compile(
     r"</?(?:im_patch|im_col|im_start|low_res_im_start|frame_start|im_end|frame_end|im_low)>"
 )
 
@@ -171,5 +171,5 @@ def strip_chat_specials(raw: str) -> str:
     if end is not None:
         raw = raw[: end.start()]
     raw = _CHAT_SPECIAL.sub("", raw)
-    raw = _MOLMO2_IMAGE_TOKENS.sub("", raw)
+    raw = _IMAGE_TOKENS.sub("", raw)
     return raw.strip()
