@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(100_000_000, ge=1, description="Most bytes read from a local file.")
     image_store_count: int = Field(256, ge=1, description="Images kept for reuse by image_id (oldest evicted first).")
     image_store_bytes: int = Field(1_000_000_000, ge=1, description="Most bytes of decoded images kept for reuse.")
+    image_store_ttl_s: float = Field(
+        3600.0, gt=0, description="Seconds an image stays reusable by image_id after it was sent."
+    )
     encoding_cache_bytes: int = Field(
         2_000_000_000, ge=0,
         description="Most bytes (device memory) of image encodings kept for reuse by image_id (with the image's KV "
