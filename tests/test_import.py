@@ -19,6 +19,7 @@ MODULES = [
     "vlm_tools.images.store",
     "vlm_tools.images.lru",
     "vlm_tools.images.memory_store",
+    "vlm_tools.images.redis_store",
     "vlm_tools.images.stores",
     "vlm_tools.images.sources",
     "vlm_tools.documents",

@@ -18,12 +18,14 @@ def serve(settings: Settings) -> int:
     message (a :class:`~vlm_tools.errors.VlmToolsError` the command line prints), not inside a running server.
     Returns an exit code.
     """
+    from .images.stores import check_image_store
     from .server import build_server, load_configured_backends
 
     if settings.transport == "http":
         from .http_app import check_bind
 
         check_bind(settings)  # a refused bind is a settings mistake: say so before loading any model
+    check_image_store(settings)
     backends = load_configured_backends(settings)
     server = build_server(settings, load_backends=lambda _settings: backends)
     if settings.transport == "stdio":

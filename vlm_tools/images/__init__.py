@@ -4,8 +4,8 @@
 * :mod:`.paths` — local files confined to the allowed directories;
 * :mod:`.fetch` — SSRF-safe http(s) fetching;
 * :mod:`.store` — what an image store does: decoded images kept for reuse by ``image_id``;
-* :mod:`.memory_store` — the store in this process's memory (:mod:`.stores` opens the one the settings name;
-  :mod:`.lru` is its LRU);
+* :mod:`.memory_store`, :mod:`.redis_store` — the stores: this process's memory, or Redis shared by many
+  (:mod:`.stores` opens the one the settings name; :mod:`.lru` is the in-process LRU both keep);
 * :mod:`.encode` — an image as a PNG ``data:`` URI (what inference servers are sent);
 * :mod:`.sources` — the one entry point: any accepted source form → a stored image.
 """

@@ -83,7 +83,7 @@ class ImageSources:
 
         An ``image_id`` source returns the held image under the same id. Raises the typed errors of
         :mod:`vlm_tools.errors`: ``invalid_argument``, ``invalid_image``, ``image_too_large``,
-        ``path_not_allowed``, ``url_blocked``, ``fetch_failed``, ``unknown_image_id``.
+        ``path_not_allowed``, ``url_blocked``, ``fetch_failed``, ``unknown_image_id``, ``image_store_unavailable``.
         """
         source = _check_text(source)
         if is_image_id(source):
