@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Tiny models on a small CPU: one thread per process is steadier and faster than oversubscribed cores, for this
 # process and for the servers the tests start (they inherit the environment).
@@ -11,6 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from helpers import png_bytes
+
+if TYPE_CHECKING:
+    from redis_process import RedisProcess
 
 
 @pytest.fixture
@@ -61,3 +67,30 @@ def vllm_python() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return python
+
+
+INSTALL_REDIS = "apt-get install redis-server"
+
+
+@pytest.fixture(scope="session")
+def redis_server_binary() -> str:
+    """The ``redis-server`` to start: ``VLM_TOOLS_REDIS_SERVER``, or the one on the PATH (Debian's).
+
+    In CI (``CI`` set) a missing one fails the Redis tests; elsewhere they skip, naming the install command.
+    """
+    binary = os.environ.get("VLM_TOOLS_REDIS_SERVER") or shutil.which("redis-server")
+    if not binary or not Path(binary).is_file():
+        message = f"redis-server is not installed: run `{INSTALL_REDIS}`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_server_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One ``redis-server`` for the test session, stopped at its end (failed tests included)."""
+    from redis_process import RedisProcess
+
+    with RedisProcess(redis_server_binary, tmp_path_factory.mktemp("redis") / "redis.log") as server:
+        yield server

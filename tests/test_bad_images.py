@@ -17,7 +17,7 @@ from PIL import Image
 from conftest_inputs import blank_pdf, encrypted_pdf, image_bytes, noisy_image, zero_page_pdf
 from vlm_tools.documents import PdfDocument, select_pages
 from vlm_tools.errors import ImageTooLarge, InvalidArgument, InvalidDocument, InvalidImage, VlmToolsError
-from vlm_tools.images import ImageSources, ImageStore
+from vlm_tools.images import ImageSources, MemoryImageStore
 from vlm_tools.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
@@ -257,7 +257,7 @@ def _argument(case: Case, data: bytes, tmp_path: Path) -> str:
 async def test_bad_image_corpus(case: Case, tmp_path: Path) -> None:
     settings = Settings(allow_path=(tmp_path,), allow_urls=False, max_image_pixels=case.max_pixels,
                         max_inline_bytes=case.max_inline)  # fmt: skip
-    sources = ImageSources(settings, ImageStore(16, 10**9))
+    sources = ImageSources(settings, MemoryImageStore(16, 10**9))
     argument = _argument(case, case.make(), tmp_path)
     try:
         if isinstance(case.expect, type):
@@ -333,7 +333,7 @@ def test_pdf_over_page_cap_needs_a_page_choice() -> None:
 
 async def test_pdf_data_uri_loads_as_bytes_for_documents(tmp_path: Path) -> None:
     pdf = blank_pdf([(50, 50)])
-    sources = ImageSources(Settings(allow_path=(tmp_path,), allow_urls=False), ImageStore(4, 10**8))
+    sources = ImageSources(Settings(allow_path=(tmp_path,), allow_urls=False), MemoryImageStore(4, 10**8))
     try:
         assert await sources.load_bytes("data:application/pdf;base64," + base64.b64encode(pdf).decode(), "s") == pdf
     finally:

@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 from vlm_tools.backends import generation  # noqa: E402
 from vlm_tools.backends.base import Output, Request, Task  # noqa: E402
 from vlm_tools.backends.encodings import EncodingCache  # noqa: E402
-from vlm_tools.images.store import ImageStore  # noqa: E402
+from vlm_tools.images import MemoryImageStore  # noqa: E402
 from vlm_tools.settings import Settings  # noqa: E402
 
 SIZES = [(64, 64), (300, 100), (30, 120), (17, 9), (640, 480)]
@@ -122,7 +122,7 @@ def test_prefetching_while_a_batch_generates_changes_no_answer(backend) -> None:
     assert results[0] + results[1] == expected
 
 
-def test_encodings_are_bounded_and_leave_with_their_image() -> None:
+async def test_encodings_are_bounded_and_leave_with_their_image() -> None:
     class Sized:
         def __init__(self, nbytes: int) -> None:
             self.nbytes = nbytes
@@ -135,11 +135,11 @@ def test_encodings_are_bounded_and_leave_with_their_image() -> None:
     assert cache.get("huge") is None  # bigger than the cache: never kept
     cache.put(None, Sized(1), 1)
     assert len(cache) == 2
-    store = ImageStore(max_count=1, max_bytes=10**9)
+    store = MemoryImageStore(max_count=1, max_bytes=10**9)
     store.on_evict(cache.forget)
-    first = store.put(Image.new("RGB", (4, 4)), "s")
+    first = await store.put(Image.new("RGB", (4, 4)), "s")
     cache.put(first, Sized(10), 10)
-    store.put(Image.new("RGB", (4, 4)), "s")  # the store evicts the first image, and its encoding goes too
+    await store.put(Image.new("RGB", (4, 4)), "s")  # the store evicts the first image, and its encoding goes too
     assert cache.get(first) is None
 
 

@@ -1,4 +1,4 @@
-"""Each source form of ImageSources, the image store's bounds, and scope isolation."""
+"""Each source form of ImageSources, the in-memory image store's bounds and expiry, and scope isolation."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import base64
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 from PIL import Image
 
 from conftest_inputs import PNG_BODY, LocalServer, image_bytes, local_server, noisy_image
 from vlm_tools.errors import InvalidArgument, PathNotAllowed, UnknownImageId, UrlBlocked
-from vlm_tools.images import ImageSources, ImageStore, StoredImage, is_image_id
+from vlm_tools.images import ImageSources, MemoryImageStore, StoredImage, is_image_id
+from vlm_tools.images.lru import ImageLru
 from vlm_tools.images.store import IMAGE_ID_PATTERN
 from vlm_tools.settings import Settings
 
@@ -32,7 +34,7 @@ def picture_path(tmp_path: Path) -> Path:
 
 def _sources(tmp_path: Path, **overrides: object) -> ImageSources:
     settings = Settings(allow_path=(tmp_path,), allow_private_urls=True, **overrides)
-    return ImageSources(settings, ImageStore(16, 10**8))
+    return ImageSources(settings, MemoryImageStore(16, 10**8))
 
 
 def _same_as_picture(stored: StoredImage) -> None:
@@ -108,7 +110,7 @@ async def test_url_fetching_off(local_server: LocalServer, tmp_path: Path) -> No
 
 
 async def test_private_urls_refused_by_default(local_server: LocalServer, tmp_path: Path) -> None:
-    sources = ImageSources(Settings(allow_path=(tmp_path,)), ImageStore(4, 10**8))
+    sources = ImageSources(Settings(allow_path=(tmp_path,)), MemoryImageStore(4, 10**8))
     try:
         with pytest.raises(UrlBlocked, match="loopback"):
             await sources.load_image(f"{local_server.base}/img.png", "s")
@@ -191,67 +193,90 @@ def _img(side: int = 10) -> Image.Image:
     return Image.new("RGB", (side, side))
 
 
-def test_ids_are_unguessable_and_well_formed() -> None:
-    store = ImageStore(100, 10**8)
-    ids = [store.put(_img(), "s") for _ in range(50)]
+async def test_ids_are_unguessable_and_well_formed() -> None:
+    store = MemoryImageStore(100, 10**8)
+    ids = [await store.put(_img(), "s") for _ in range(50)]
     assert len(set(ids)) == 50
     assert all(IMAGE_ID_PATTERN.fullmatch(i) for i in ids)
 
 
-def test_eviction_by_count_oldest_first() -> None:
-    store = ImageStore(max_count=3, max_bytes=10**8)
-    ids = [store.put(_img(), "s") for _ in range(4)]
+async def test_eviction_by_count_oldest_first() -> None:
+    store = MemoryImageStore(max_count=3, max_bytes=10**8)
+    ids = [await store.put(_img(), "s") for _ in range(4)]
     with pytest.raises(UnknownImageId):
-        store.get(ids[0], "s")
+        await store.get(ids[0], "s")
     for i in ids[1:]:
-        store.get(i, "s")
+        await store.get(i, "s")
     assert len(store) == 3
 
 
-def test_get_refreshes_so_least_recently_used_goes() -> None:
-    store = ImageStore(max_count=2, max_bytes=10**8)
-    a, b = store.put(_img(), "s"), store.put(_img(), "s")
-    store.get(a, "s")  # b is now the least recently used
-    c = store.put(_img(), "s")
-    store.get(a, "s")
-    store.get(c, "s")
+async def test_get_refreshes_so_least_recently_used_goes() -> None:
+    store = MemoryImageStore(max_count=2, max_bytes=10**8)
+    a, b = await store.put(_img(), "s"), await store.put(_img(), "s")
+    await store.get(a, "s")  # b is now the least recently used
+    c = await store.put(_img(), "s")
+    await store.get(a, "s")
+    await store.get(c, "s")
     with pytest.raises(UnknownImageId):
-        store.get(b, "s")
+        await store.get(b, "s")
 
 
-def test_eviction_by_bytes() -> None:
-    store = ImageStore(max_count=100, max_bytes=3 * 10 * 10 * 3)  # room for three 10x10 RGB images
-    ids = [store.put(_img(10), "s") for _ in range(3)]
+async def test_eviction_by_bytes() -> None:
+    store = MemoryImageStore(max_count=100, max_bytes=3 * 10 * 10 * 3)  # room for three 10x10 RGB images
+    ids = [await store.put(_img(10), "s") for _ in range(3)]
     assert store.nbytes == 900
-    big = store.put(_img(14), "s")  # 588 bytes: two of the old ones must go
+    big = await store.put(_img(14), "s")  # 588 bytes: two of the old ones must go
     assert store.nbytes <= 900
     with pytest.raises(UnknownImageId):
-        store.get(ids[0], "s")
+        await store.get(ids[0], "s")
     with pytest.raises(UnknownImageId):
-        store.get(ids[1], "s")
-    store.get(ids[2], "s")
-    store.get(big, "s")
+        await store.get(ids[1], "s")
+    await store.get(ids[2], "s")
+    await store.get(big, "s")
 
 
-def test_image_larger_than_the_store_is_refused() -> None:
+async def test_image_larger_than_the_store_is_refused() -> None:
     from vlm_tools.errors import ImageTooLarge
 
-    store = ImageStore(max_count=10, max_bytes=100)
+    store = MemoryImageStore(max_count=10, max_bytes=100)
     with pytest.raises(ImageTooLarge, match="--image-store-bytes"):
-        store.put(_img(10), "s")
+        await store.put(_img(10), "s")
     assert len(store) == 0
 
 
-def test_scope_isolation_gives_the_same_error_as_unknown() -> None:
-    store = ImageStore(10, 10**8)
-    mine = store.put(_img(), "session-a")
+async def test_images_expire_after_the_ttl_however_often_used() -> None:
+    store = MemoryImageStore(max_count=10, max_bytes=10**8, ttl_s=1.0)
+    gone: list[str] = []
+    store.on_evict(gone.append)
+    old = await store.put(_img(), "s")
+    await anyio.sleep(0.6)
+    await store.get(old, "s")  # in use, but the TTL counts from when it was sent
+    young = await store.put(_img(), "s")
+    await anyio.sleep(0.6)
+    with pytest.raises(UnknownImageId, match="expired from the store"):
+        await store.get(old, "s")
+    assert await store.get(young, "s") is not None
+    assert gone == [old] and len(store) == 1 and store.nbytes == 300  # the expired image's memory went with it
+
+
+async def test_evicted_images_are_told_to_listeners() -> None:
+    store = MemoryImageStore(max_count=2, max_bytes=10**8)
+    gone: list[str] = []
+    store.on_evict(gone.append)
+    ids = [await store.put(_img(), "s") for _ in range(4)]
+    assert gone == ids[:2]
+
+
+async def test_scope_isolation_gives_the_same_error_as_unknown() -> None:
+    store = MemoryImageStore(10, 10**8)
+    mine = await store.put(_img(), "session-a")
     with pytest.raises(UnknownImageId) as other_scope:
-        store.get(mine, "session-b")
+        await store.get(mine, "session-b")
     with pytest.raises(UnknownImageId) as never_issued:
-        store.get("img_" + "f" * 32, "session-b")
+        await store.get("img_" + "f" * 32, "session-b")
     # Same words either way: nothing is learnt about another session's images.
     assert str(other_scope.value).replace(mine, "ID") == str(never_issued.value).replace("img_" + "f" * 32, "ID")
-    assert store.get(mine, "session-a") is not None
+    assert await store.get(mine, "session-a") is not None
 
 
 async def test_scope_isolation_through_sources(picture_path: Path, tmp_path: Path) -> None:
@@ -267,7 +292,7 @@ async def test_scope_isolation_through_sources(picture_path: Path, tmp_path: Pat
 
 
 async def test_eviction_through_sources(picture_path: Path, tmp_path: Path) -> None:
-    sources = ImageSources(Settings(allow_path=(tmp_path,)), ImageStore(max_count=2, max_bytes=10**8))
+    sources = ImageSources(Settings(allow_path=(tmp_path,)), MemoryImageStore(max_count=2, max_bytes=10**8))
     try:
         first = await sources.load_image(str(picture_path), "s")
         await sources.load_image(str(picture_path), "s")
@@ -278,29 +303,28 @@ async def test_eviction_through_sources(picture_path: Path, tmp_path: Path) -> N
         await sources.aclose()
 
 
-def test_store_is_thread_safe() -> None:
-    store = ImageStore(max_count=50, max_bytes=10**8)
+def test_the_lru_is_thread_safe() -> None:
+    # Pages render and listeners run in worker threads: the LRU under both stores takes a lock.
+    images = ImageLru(max_count=50, max_bytes=10**8, ttl_s=3600)
     errors: list[BaseException] = []
 
-    def worker() -> None:
+    def worker(n: int) -> None:
         try:
-            for _ in range(200):
-                image_id = store.put(_img(4), "s")
-                try:
-                    store.get(image_id, "s")
-                except UnknownImageId:
-                    pass  # evicted by another thread in between: allowed
+            for i in range(200):
+                image_id = f"img_{n}_{i}"
+                images.add(image_id, _img(4), "s")
+                images.find(image_id, "s")  # None when evicted by another thread in between: allowed
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == []
-    assert len(store) == 50
-    assert store.nbytes == 50 * 4 * 4 * 3
+    assert len(images) == 50
+    assert images.nbytes == 50 * 4 * 4 * 3
 
 
 async def test_file_reads_and_decoding_run_off_the_event_loop(

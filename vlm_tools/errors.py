@@ -57,6 +57,13 @@ class UnknownImageId(VlmToolsError):
     code = "unknown_image_id"
 
 
+class ImageStoreUnavailable(VlmToolsError):
+    """The shared image store (Redis) cannot be reached, so an ``image_id`` this process does not hold cannot be
+    looked up; sending the image itself still works."""
+
+    code = "image_store_unavailable"
+
+
 class InvalidArgument(VlmToolsError):
     """A caller argument out of its allowed range or form."""
 
@@ -136,6 +143,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
         UrlBlocked,
         FetchFailed,
         UnknownImageId,
+        ImageStoreUnavailable,
         InvalidArgument,
         InvalidDocument,
         InputTooLong,

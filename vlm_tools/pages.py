@@ -59,7 +59,7 @@ class Pages:
         image, size_pt = await anyio.to_thread.run_sync(
             lambda: self._pdf.render_page(number, long_side=self._settings.page_long_side)  # type: ignore[union-attr]
         )
-        image_id = self._store.put(image, self._scope)
+        image_id = await self._store.put(image, self._scope)
         stored = StoredImage(image_id, image, ImageSize(width=image.width, height=image.height))
         return RenderedPage(number, stored, size_pt)
 
@@ -86,7 +86,7 @@ async def open_pages(
         decoded = await anyio.to_thread.run_sync(
             lambda: decode_image(source, max_pixels=settings.max_image_pixels)  # type: ignore[arg-type]
         )
-        image_id = store.put(decoded, scope)
+        image_id = await store.put(decoded, scope)
         image = StoredImage(image_id, decoded, ImageSize(width=decoded.width, height=decoded.height))
         page_count = 1
     doc = Pages(

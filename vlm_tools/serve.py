@@ -19,12 +19,14 @@ def serve(settings: Settings) -> int:
     :class:`~vlm_tools.errors.VlmToolsError` the command line prints). The weights load once the transport is up,
     so clients get the handshake and the tool list at once, whatever the load takes.
     """
+    from .images.stores import check_image_store
     from .server import build_server, load_configured_backends
 
     if settings.transport == "http":
         from .http_app import check_bind
 
         check_bind(settings)  # a refused bind is a settings mistake: say so before anything else
+    check_image_store(settings)
     if settings.scale == "ray":
         from .scale.app import run_on_ray
 

@@ -28,7 +28,7 @@ from .backends.resident import ResidentModel, load_in_order
 from .engine import Engine
 from .errors import InvalidArgument
 from .images.sources import ImageSources
-from .images.store import ImageStore
+from .images.stores import open_image_store
 from .metrics import Metrics
 from .router import Router
 from .service import Runtime
@@ -98,9 +98,16 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[Runtime]:
         backends = list(await anyio.to_thread.run_sync(loader, settings))
-        store = ImageStore(settings.image_store_count, settings.image_store_bytes)
+        try:
+            store = await open_image_store(settings)
+        except BaseException:
+            for backend in backends:
+                backend.close()
+            raise
         for backend in backends:
-            store.on_evict(backend.forget_image)  # what a model made of an image goes with the image
+            # What a model made of an image goes when this process lets go of the image. With Redis, images that
+            # expire there leave no word here: the models' encoding caches are bounded by bytes anyway.
+            store.on_evict(backend.forget_image)
         sources = ImageSources(settings, store)
         engine = Engine.from_settings(backends, settings, metrics=metrics)
         try:
@@ -125,6 +132,7 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
             with anyio.CancelScope(shield=True):
                 await engine.shutdown(settings.drain_timeout_s)
                 await sources.aclose()
+                await store.aclose()
                 for backend in backends:
                     backend.close()
 

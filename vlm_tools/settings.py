@@ -11,6 +11,7 @@ import argparse
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,8 +30,10 @@ def _flag(name: str, **extra: Any) -> dict[str, Any]:
 class Settings(BaseSettings):
     """Every setting of the server. Environment variable: ``VLM_TOOLS_<FIELD NAME IN CAPITALS>``."""
 
+    # hide_input_in_errors: a rejected setting is named, never echoed, as a Redis URL or a token may hold a secret.
     model_config = SettingsConfigDict(
-        env_prefix="VLM_TOOLS_", frozen=True, extra="forbid", env_parse_none_str="", validate_default=True
+        env_prefix="VLM_TOOLS_", frozen=True, extra="forbid", env_parse_none_str="", validate_default=True,
+        hide_input_in_errors=True,
     )
 
     # --- serving ------------------------------------------------------------------------------------------
@@ -129,8 +132,19 @@ class Settings(BaseSettings):
     max_inline_bytes: int = Field(20_000_000, ge=1, description="Most decoded bytes in a data: URI or base64 argument.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels in an image (checked before decoding).")
     max_file_bytes: int = Field(100_000_000, ge=1, description="Most bytes read from a local file.")
-    image_store_count: int = Field(256, ge=1, description="Images kept for reuse by image_id (oldest evicted first).")
+    image_store: SecretStr = Field(
+        "memory",  # type: ignore[assignment]  # validated into a SecretStr: a Redis URL may carry a password
+        description="Where the images behind image_ids are kept: memory (this process only) or a Redis URL, "
+        "redis://[:password@]host:port/db (or rediss://), shared by every server process pointed at it.",
+    )
+    image_store_count: int = Field(
+        256, ge=1, description="Images kept for reuse by image_id (oldest evicted first; with Redis, across every "
+        "process sharing it).",
+    )
     image_store_bytes: int = Field(1_000_000_000, ge=1, description="Most bytes of decoded images kept for reuse.")
+    image_store_ttl_s: float = Field(
+        3600.0, gt=0, description="Seconds an image stays reusable by image_id after it was sent."
+    )
     encoding_cache_bytes: int = Field(
         2_000_000_000, ge=0,
         description="Most bytes (device memory) of image encodings kept for reuse by image_id (with the image's KV "
@@ -162,6 +176,15 @@ class Settings(BaseSettings):
     @classmethod
     def _resolve_paths(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
         return tuple(Path(p).expanduser().resolve() for p in value)
+
+    @field_validator("image_store")
+    @classmethod
+    def _check_image_store(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value().strip()
+        if raw.lower() == "memory":
+            return SecretStr("memory")
+        redis_location(raw)  # raises ValueError naming what is wrong, never the URL's credentials
+        return SecretStr(raw)
 
     @field_validator("remote_family")
     @classmethod
@@ -200,6 +223,12 @@ class Settings(BaseSettings):
         return (Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve())
 
     @property
+    def image_store_url(self) -> str | None:
+        """The Redis URL of a shared image store, or ``None`` for the in-memory one."""
+        raw = self.image_store.get_secret_value()
+        return None if raw == "memory" else raw
+
+    @property
     def routes(self) -> dict[str, str]:
         """Per-tool model overrides."""
         return dict(item.split("=", 1) for item in self.route)
@@ -211,6 +240,31 @@ class Settings(BaseSettings):
         import os
 
         return os.environ.get(self.api_key_env) or None
+
+
+def redis_location(url: str) -> str:
+    """Where a Redis URL points, as ``redis://host:port/db`` without its user name or password (for messages).
+
+    Raises:
+        ValueError: for anything but a ``redis://`` or ``rediss://`` URL with a host, an optional port and an
+            optional database number; the message says which part is wrong and never repeats the URL.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss") or not url.lower().startswith(scheme + "://"):
+        raise ValueError("image_store must be memory or a Redis URL: redis://[:password@]host:port/db or rediss://…")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("image_store: the Redis URL's port is not a number from 0 to 65535") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError("image_store: the Redis URL names no host, e.g. redis://localhost:6379/0")
+    db = parse_qs(parts.query).get("db", [parts.path.lstrip("/") or "0"])[0]
+    if not db.isdigit():
+        raise ValueError("image_store: the Redis database (the URL's path) must be a number, e.g. /0")
+    shown_host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown_host}:{port}/{int(db)}"
 
 
 # --- command line ---------------------------------------------------------------------------------------

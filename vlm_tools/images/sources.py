@@ -83,14 +83,14 @@ class ImageSources:
 
         An ``image_id`` source returns the held image under the same id. Raises the typed errors of
         :mod:`vlm_tools.errors`: ``invalid_argument``, ``invalid_image``, ``image_too_large``,
-        ``path_not_allowed``, ``url_blocked``, ``fetch_failed``, ``unknown_image_id``.
+        ``path_not_allowed``, ``url_blocked``, ``fetch_failed``, ``unknown_image_id``, ``image_store_unavailable``.
         """
         source = _check_text(source)
         if is_image_id(source):
-            return self._lookup(source, scope)
+            return await self._lookup(source, scope)
         data = await self._read(source, IMAGE_MEDIA_TYPES)
         image = await anyio.to_thread.run_sync(partial(decode_image, data, max_pixels=self._settings.max_image_pixels))
-        image_id = self._store.put(image, scope)
+        image_id = await self._store.put(image, scope)
         return StoredImage(image_id, image, ImageSize(width=image.width, height=image.height))
 
     async def load_bytes(self, source: str, scope: str) -> bytes | StoredImage:
@@ -100,7 +100,7 @@ class ImageSources:
         """
         source = _check_text(source)
         if is_image_id(source):
-            return self._lookup(source, scope)
+            return await self._lookup(source, scope)
         return await self._read(source, DOCUMENT_MEDIA_TYPES)
 
     async def aclose(self) -> None:
@@ -108,8 +108,8 @@ class ImageSources:
         if self._owns_fetcher:
             await self._fetcher.aclose()
 
-    def _lookup(self, image_id: str, scope: str) -> StoredImage:
-        image = self._store.get(image_id, scope)
+    async def _lookup(self, image_id: str, scope: str) -> StoredImage:
+        image = await self._store.get(image_id, scope)
         return StoredImage(image_id, image, ImageSize(width=image.width, height=image.height))
 
     async def _read(self, source: str, media_types: frozenset[str]) -> bytes:

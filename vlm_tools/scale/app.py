@@ -35,7 +35,7 @@ def build_app(settings: Settings | Mapping[str, Any]) -> Any:
     separated text or JSON): one autoscaled deployment per model, and the MCP ingress in front of them."""
     if not isinstance(settings, Settings):
         settings = settings_from_args(settings)
-    if settings.ingress_replicas > 1 and not str(getattr(settings, "image_store", "memory")).startswith("redis"):
+    if settings.ingress_replicas > 1 and settings.image_store_url is None:
         raise ConfigurationError("--ingress-replicas above 1 needs --image-store redis://…: an image_id issued by one "
                                  "ingress replica must be found by the others")  # fmt: skip
     families: dict[str, str] = {}
