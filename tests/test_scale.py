@@ -189,3 +189,19 @@ async def test_a_saturated_deployment_answers_busy_at_once(app: str) -> None:
     other_errors = [r.content[0].text for _, r in outcomes if r.is_error and not r.content[0].text.startswith("busy")]
     assert busy and not other_errors, other_errors[:3]
     assert max(busy) < 2.0, busy  # refused at once, not queued without bound
+
+
+async def test_an_image_id_issued_through_one_ingress_replica_is_answered_through_another(app: str, redis_server) -> None:
+    deploy(app, min_replicas=1, max_replicas=1, ingress_replicas=2, image_store=redis_server.url(db=5))
+    ingress = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#mcp-ingress#")]  # fmt: skip
+    assert len(ingress) == 2
+    async with http_client(app) as client:
+        made = [await point(client, image(500 + seed)) for seed in range(4)]
+        ids = [r.structured_content["image_id"] for r in made]
+        # Each call is balanced over the two ingress replicas on its own: over 20 follow-ups, both answer some (all
+        # on the issuing replica would happen one time in a million), and each finds the image in Redis.
+        for n in range(20):
+            result = await client.call_tool("answer_about_image", {"image": ids[n % 4], "question": f"what {n}?"})
+            assert not result.is_error, result.content[0].text
+            assert result.structured_content["image_size"] == {"width": 160, "height": 100}
