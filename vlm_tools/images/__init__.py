@@ -1,11 +1,8 @@
 """The safe inputs layer: every image source an agent may send, turned into a checked RGB image.
 
-* :mod:`.decode` — bytes → upright 8-bit RGB (format allowlist, pixel cap before decoding);
-* :mod:`.paths` — local files confined to the allowed directories;
-* :mod:`.fetch` — SSRF-safe http(s) fetching;
-* :mod:`.store` — decoded images kept for reuse by ``image_id``;
-* :mod:`.encode` — an image as a PNG ``data:`` URI (what inference servers are sent);
-* :mod:`.sources` — the one entry point: any accepted source form → a stored image.
+:mod:`.sources` is the one entry point (any accepted source form → a stored image); behind it :mod:`.decode`
+(bytes → upright 8-bit RGB), :mod:`.paths` (local files confined to the allowed directories), :mod:`.fetch`
+(SSRF-safe http(s)), :mod:`.store` (images kept by ``image_id``) and :mod:`.encode` (an image as a PNG ``data:`` URI).
 """
 
 from .decode import ACCEPTED_FORMATS, decode_image
