@@ -2,8 +2,7 @@
 
 PDFium is not thread-safe — not even across documents — and has had memory-safety bugs, so every PDFium call
 in the process goes through :data:`PDFIUM_LOCK`, pages are capped (``max_pages``) and renders are bounded
-(``long_side``). Each rendered page comes with its size in PDF points, so coordinates on the page image can be
-mapped back to the page (``x / image width × page width in points``).
+(``long_side``).
 """
 
 from __future__ import annotations
@@ -120,7 +119,8 @@ class PdfDocument:
     def render_page(self, page: int, *, long_side: int) -> tuple[Image.Image, PageSizePoints]:
         """Render 1-based ``page`` as RGB with its long side ``long_side`` px (never more) and its size in points.
 
-        The size is the page as displayed (its crop box, after ``/Rotate``), in points (1/72 inch).
+        The size is the page as displayed (its crop box, after ``/Rotate``), in points (1/72 inch), so coordinates on
+        the page image can be mapped back to the page (``x / image width × page width in points``).
         """
         if not 1 <= page <= self.page_count:
             raise InvalidArgument(f"page {page} is out of range: pages are 1-{self.page_count}")

@@ -1,22 +1,8 @@
 """Grounding accuracy suite: do points and boxes land where they should, through the real tools?
 
-``vlm-tools eval --model DIR [--model DIR …]`` draws held-out synthetic screenshots
-(:mod:`vlm_tools.scenes`) at several canvas sizes, asks the REAL MCP tools about each scene's target
-through an in-memory MCP client (images sent as ``data:`` URIs, exactly as an agent would send them; the second
-tool reuses the ``image_id`` the first returned), and scores what comes back against the known geometry:
-
-* ``point_to_object`` — *inside*: the share of scenes whose first returned point lies inside the target's box (no
-  point counts as a miss); *median error*: the median distance from the target's centre to that point, as a share
-  of the image's longer side ``max(width, height)`` (a scene with no point counts as error 1.0).
-* ``detect`` — *mean IoU*: the mean IoU of the first returned box with the target's box (no box counts as 0);
-  *recall@0.5*: the share of scenes where that IoU is at least 0.5.
-
-It prints a table to stdout (this command is not the stdio MCP server, so stdout is free), writes the full report
-as JSON when ``--out`` is given, and exits 0 when every size meets the targets (``--min-inside``, default 0.95;
-``--min-iou``, default 0.7), 1 otherwise. A tool that no loaded model can serve is reported as skipped; a run in
-which neither tool could be measured fails.
-
-Scenes of one size come from ``scene_seed(seed, size)``; the fixture models were trained on other seeds.
+``vlm-tools eval`` asks the real MCP tools about held-out synthetic screenshots (:mod:`vlm_tools.scenes`) and
+scores the answers against the known geometry: :func:`evaluate` runs it, :class:`ToolScore` says what is scored,
+:func:`run_eval` what the command prints and returns.
 """
 
 from __future__ import annotations
@@ -90,7 +76,10 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def scene_seed(seed: int, size: tuple[int, int]) -> int:
-    """The scene seed of one canvas size (different sizes get different scenes)."""
+    """The scene seed of one canvas size (different sizes get different scenes).
+
+    Every scene of one size comes from this seed; the fixture models were trained on other seeds.
+    """
     return seed * 100_000_000 + size[0] * 10_000 + size[1]
 
 
@@ -99,7 +88,16 @@ def scene_seed(seed: int, size: tuple[int, int]) -> int:
 
 @dataclass
 class ToolScore:
-    """Scores of one tool at one size; ``skipped`` says why it was not measured."""
+    """Scores of one tool at one size; ``skipped`` says why it was not measured.
+
+    What comes back is scored against the scene's known geometry:
+
+    * ``point_to_object`` — *inside*: the share of scenes whose first returned point lies inside the target's box (no
+      point counts as a miss); *median error*: the median distance from the target's centre to that point, as a share
+      of the image's longer side ``max(width, height)`` (a scene with no point counts as error 1.0).
+    * ``detect`` — *mean IoU*: the mean IoU of the first returned box with the target's box (no box counts as 0);
+      *recall@0.5*: the share of scenes where that IoU is at least 0.5.
+    """
 
     scenes: int = 0
     errors: int = 0
@@ -238,6 +236,11 @@ async def evaluate(
 ) -> EvalReport:
     """Run the suite against a server built from ``settings`` (its models load once, in the server's lifespan).
 
+    ``vlm-tools eval --model DIR [--model DIR …]`` draws held-out synthetic screenshots (:mod:`vlm_tools.scenes`)
+    at several canvas sizes, asks the REAL MCP tools about each scene's target through an in-memory MCP client
+    (images sent as ``data:`` URIs, exactly as an agent would send them; the second tool reuses the ``image_id`` the
+    first returned), and scores what comes back against the known geometry (:class:`ToolScore`).
+
     Up to ``settings.max_batch_size`` scenes are in flight at once, so the engine batches them as it would batch
     concurrent agents.
     """
@@ -319,7 +322,13 @@ def format_table(report: EvalReport) -> str:
 
 
 def run_eval(settings: Settings, args: argparse.Namespace, *, stdout: TextIO | None = None) -> int:
-    """The ``vlm-tools eval`` command: run, print the table, write ``args.out``; 0 when every target is met."""
+    """The ``vlm-tools eval`` command: run, print the table, write ``args.out``; 0 when every target is met.
+
+    It prints a table to stdout (this command is not the stdio MCP server, so stdout is free), writes the full report
+    as JSON when ``--out`` is given, and exits 0 when every size meets the targets (``--min-inside``, default 0.95;
+    ``--min-iou``, default 0.7), 1 otherwise. A tool that no loaded model can serve is reported as skipped; a run in
+    which neither tool could be measured fails.
+    """
     sizes = parse_sizes(getattr(args, "sizes", DEFAULT_SIZES) or DEFAULT_SIZES)
     min_inside = float(getattr(args, "min_inside", None) or MIN_INSIDE)
     min_iou = float(getattr(args, "min_iou", None) or MIN_IOU)

@@ -1,16 +1,8 @@
 """The one place that does arithmetic on coordinates.
 
-Three coordinate systems meet here:
-
-* **normalised** — ``x_norm, y_norm`` in [0, 1] over the image as the server saw it (after EXIF orientation),
-  origin top-left, x to the right, y down. Parsers emit only this.
-* **pixels** — the same point in pixels of that image: ``x = x_norm * width``. Coordinates are continuous:
-  pixel column ``i`` covers ``[i, i + 1)``, so the centre of the top-left pixel is ``(0.5, 0.5)``.
-* **frame** — the caller's own coordinate system (``frame = {width, height}``), e.g. a browser viewport in CSS
-  pixels while the screenshot is in device pixels: ``frame_x = x_norm * frame.width``.
-
-Model conventions (PaliGemma's bins, Molmo's percent, Molmo2's 0–1000) are turned into normalised values by
-their parsers through :func:`from_scale`; everything after that goes through the functions below.
+Three coordinate systems meet here: normalised, pixels and the caller's frame (see :func:`point_result`). Model
+conventions (PaliGemma's bins, Molmo's percent, Molmo2's 0–1000) are turned into normalised values by their
+parsers through :func:`from_scale`; everything after that goes through the functions below.
 """
 
 from __future__ import annotations
@@ -79,7 +71,15 @@ def point_result(
     frame: Frame | None = None,
     source: PointSource = "native",
 ) -> Point:
-    """Build the public :class:`~vlm_tools.results.Point` for a normalised point."""
+    """Build the public :class:`~vlm_tools.results.Point` for a normalised point, in the three coordinate systems:
+
+    * **normalised** — ``x_norm, y_norm`` in [0, 1] over the image as the server saw it (after EXIF orientation),
+      origin top-left, x to the right, y down. Parsers emit only this.
+    * **pixels** — the same point in pixels of that image: ``x = x_norm * width``. Coordinates are continuous:
+      pixel column ``i`` covers ``[i, i + 1)``, so the centre of the top-left pixel is ``(0.5, 0.5)``.
+    * **frame** — the caller's own coordinate system (``frame = {width, height}``), e.g. a browser viewport in CSS
+      pixels while the screenshot is in device pixels: ``frame_x = x_norm * frame.width``.
+    """
     from .results import Point
 
     x, y = to_pixels(p.x, p.y, size.width, size.height)

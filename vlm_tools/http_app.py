@@ -1,9 +1,8 @@
 """Streamable-HTTP serving: the MCP endpoint at ``/mcp``, ``/health`` and ``/metrics``, guarded.
 
-Every request, on every route, passes the same gate: the Host header must name this server (421 otherwise,
-against DNS rebinding), a browser Origin must be allowed (403), and when a token is set the request must carry
-``Authorization: Bearer <token>`` (401). ``/health`` answers without a token so a load balancer can probe it,
-and says no more than whether the server can serve.
+Every request, on every route, passes the same gate (:class:`Gate`): the Host header must name this server (421
+otherwise, against DNS rebinding), a browser Origin must be allowed (403), and when a token is set the request
+must carry ``Authorization: Bearer <token>`` (401).
 """
 
 from __future__ import annotations
@@ -129,7 +128,8 @@ def build_http_app(
     """The ASGI app serving ``server`` on ``port`` (the port clients reach it on).
 
     ``stateless`` serves every request on its own (no ``Mcp-Session-Id``), as replicas behind a balancer must;
-    ``health_extra`` adds to the ``/health`` answer (a scaled deployment's replica counts).
+    ``health_extra`` adds to the ``/health`` answer (a scaled deployment's replica counts). ``/health`` answers
+    without a token so a load balancer can probe it, and says no more than whether the server can serve.
     """
     hosts = allowed_hosts(settings, port)
     origins = allowed_origins(settings, port)

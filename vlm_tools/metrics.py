@@ -1,14 +1,7 @@
 """Prometheus metrics of one server: queue depth, batch sizes, waiting and running times, request outcomes.
 
-Each :class:`Metrics` holds its own :class:`~prometheus_client.CollectorRegistry` instead of the process-wide
-default one, so that several servers (tests build many) can live in one process without their series clashing
-or adding up. The engine records batches, times and the outcome of every request it accepts or refuses; the tool
-layer records outcomes of requests that failed before they reached the engine (a bad image, a blocked URL)
-through the same :meth:`Metrics.record_request`. :meth:`Metrics.record_error` counts an error object once even
-when both the engine and the tool boundary report it, so the boundary may report every error it sees.
-
-Label values are bounded by construction: ``model`` is a loaded model's name, ``tool`` one of the tool names,
-``task`` a :class:`~vlm_tools.backends.base.Task` value and ``code`` one of the stable error codes (or ``none``).
+Each server's metrics live in a registry of their own, so that several servers can share a process, and their
+label values are bounded by construction (:class:`Metrics`).
 """
 
 from __future__ import annotations
@@ -31,6 +24,16 @@ _RUN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 12
 
 class Metrics:
     """The metrics of one server, in a registry of their own.
+
+    It holds its own :class:`~prometheus_client.CollectorRegistry` instead of the process-wide default one, so that
+    several servers (tests build many) can live in one process without their series clashing or adding up. The
+    engine records batches, times and the outcome of every request it accepts or refuses; the tool layer records
+    outcomes of requests that failed before they reached the engine (a bad image, a blocked URL) through the same
+    :meth:`record_request`. :meth:`record_error` counts an error object once even when both the engine and the tool
+    boundary report it, so the boundary may report every error it sees.
+
+    Label values are bounded by construction: ``model`` is a loaded model's name, ``tool`` one of the tool names,
+    ``task`` a :class:`~vlm_tools.backends.base.Task` value and ``code`` one of the stable error codes (or ``none``).
 
     Attributes:
         registry: the registry every metric below is registered in (what :meth:`render` exposes).

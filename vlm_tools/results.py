@@ -1,9 +1,8 @@
 """Typed results of the five tools (pydantic; they become each tool's ``outputSchema``).
 
-Coordinates follow the contract in :mod:`vlm_tools.geometry`: pixels of the image as the server saw it (after
-EXIF orientation), the same normalised to [0, 1], and — when the caller gave a ``frame`` — in that frame.
-Build points and boxes with :func:`vlm_tools.geometry.point_result` / :func:`~vlm_tools.geometry.box_result`;
-nothing here computes coordinates.
+Coordinates follow the contract of :func:`vlm_tools.geometry.point_result`: pixels of the image as the server saw
+it (after EXIF orientation), the same normalised to [0, 1], and — when the caller gave a ``frame`` — in that frame.
+Build points and boxes with it and :func:`~vlm_tools.geometry.box_result`; nothing here computes coordinates.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Synthetic UI screenshots with known geometry: the shared vocabulary of the trained fixture models.
 
-A scene is a canvas (plain or gradient background, optional neutral "page furniture": a header bar and grey
-text lines) holding 2–5 coloured objects — rounded-rectangle buttons (optionally with a short word on them in a
-contrasting colour), circles and triangles — at varied sizes, positions and aspect ratios. Every object
-has its own colour in its scene (shapes repeat), so "the red button" names exactly one thing, and its bounding
-box is known to the pixel. Training (``scripts/train_fixtures.py``), the accuracy suite (:mod:`vlm_tools.evaluation`)
-and the browser test all draw from here, so the models are asked about exactly the kind of picture they learnt.
-
-:func:`scene_html` renders the same objects as an HTML page (CSS shapes, absolute positions) whose elements
-record the clicks they receive: the bridge from the synthetic pictures to a real browser.
-
-Everything is deterministic for a given :class:`random.Random` state and uses only Pillow's bundled font, so
-the same seed draws the same pixels on every machine.
+Training (``scripts/train_fixtures.py``), the accuracy suite (:mod:`vlm_tools.evaluation`) and the browser test
+all draw from here, so the models are asked about exactly the kind of picture they learnt. What a scene holds:
+:class:`Scene`; the same seed draws the same pixels on every machine (:func:`scenes`).
 """
 
 from __future__ import annotations
@@ -103,7 +94,14 @@ class Background:
 
 @dataclass(frozen=True)
 class Scene:
-    """A rendered screenshot, the objects on it and which one is asked about."""
+    """A rendered screenshot, the objects on it and which one is asked about.
+
+    A scene is a canvas (plain or gradient background, optional neutral "page furniture": a header bar and grey
+    text lines) holding 2–5 coloured objects — rounded-rectangle buttons (optionally with a short word on them in a
+    contrasting colour), circles and triangles — at varied sizes, positions and aspect ratios. Every object has its
+    own colour in its scene (shapes repeat), so "the red button" names exactly one thing, and its bounding box is
+    known to the pixel.
+    """
 
     image: Image.Image
     objects: tuple[SceneObject, ...]
@@ -314,7 +312,11 @@ def random_scene(rng: random.Random, size: tuple[int, int] | None = None, count:
 
 
 def scenes(seed: int, count: int, size: tuple[int, int] | None = None) -> Iterator[Scene]:
-    """``count`` scenes from ``seed`` (the same seed gives the same scenes, pixel for pixel)."""
+    """``count`` scenes from ``seed`` (the same seed gives the same scenes, pixel for pixel).
+
+    Everything is deterministic for a given :class:`random.Random` state and uses only Pillow's bundled font, so
+    the same seed draws the same pixels on every machine.
+    """
     rng = random.Random(seed)
     for _ in range(count):
         yield random_scene(rng, size)
@@ -360,7 +362,10 @@ def _object_css(obj: SceneObject) -> str:
 def scene_html(objects: Sequence[SceneObject], background: Background, title: str = "vlm-tools demo") -> str:
     """An HTML page showing ``objects`` where a scene would draw them (CSS pixels = scene pixels), each
     element recording its clicks: ``window.clicks`` lists ``{name, x, y}`` per click (``name`` null for a click
-    that hit no object) and each element counts its own in ``data-clicked``."""
+    that hit no object) and each element counts its own in ``data-clicked``.
+
+    The same objects as CSS shapes at absolute positions: the bridge from the synthetic pictures to a real browser.
+    """
     parts = []
     for obj in objects:
         tag = "button" if obj.shape == "button" else "div"

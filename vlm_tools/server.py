@@ -1,8 +1,6 @@
 """The MCP server: five typed vision tools over resident models.
 
-:func:`build_server` makes a fresh server from settings (no module-level server). Its lifespan loads the models
-once per process, starts the engine and keeps both resident in a :class:`~vlm_tools.service.Runtime`; the tools
-(:mod:`vlm_tools.tools`) reach it through the request context. Every expected failure is a
+:func:`build_server` makes a fresh server from settings (no module-level server). Every expected failure is a
 :class:`~vlm_tools.errors.VlmToolsError`, translated once, in :meth:`VisionServer.call_tool`, into a tool error
 whose message starts with the error's stable code.
 """
@@ -88,6 +86,9 @@ def _describe_validation(error: ValidationError) -> str:
 
 def build_server(settings: Settings, *, load_backends: BackendLoader | None = None) -> VisionServer:
     """Make a server for ``settings``.
+
+    Its lifespan loads the models once per process, starts the engine and keeps both resident in a
+    :class:`~vlm_tools.service.Runtime`; the tools (:mod:`vlm_tools.tools`) reach it through the request context.
 
     ``load_backends`` loads the models (default: the local or remote backends the settings name); it runs once,
     in the lifespan, in a worker thread so a slow model load never blocks the event loop.

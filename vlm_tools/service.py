@@ -1,9 +1,7 @@
 """The vision service under the MCP tools: every tool's work, with no MCP types in it.
 
-Each tool follows one spine — load the image (any accepted source form, or an ``image_id``), build the request
-with its token limit, send it to the model that serves the tool (the engine batches it with other callers), build
-the typed result, and, when asked, draw it — written once in :meth:`VisionService._ask`. The MCP layer
-(:mod:`vlm_tools.tools`) turns arguments into calls here and results into tool results.
+The MCP layer (:mod:`vlm_tools.tools`) turns arguments into calls here and results into tool results; every tool
+follows one spine, written once (:class:`VisionService`).
 """
 
 from __future__ import annotations
@@ -92,7 +90,12 @@ class Answer:
 
 
 class VisionService:
-    """The five tools over a :class:`Runtime`; ``scope`` is the caller's image-handle scope (its MCP session)."""
+    """The five tools over a :class:`Runtime`; ``scope`` is the caller's image-handle scope (its MCP session).
+
+    Each tool follows one spine — load the image (any accepted source form, or an ``image_id``), build the request
+    with its token limit, send it to the model that serves the tool (the engine batches it with other callers), build
+    the typed result, and, when asked, draw it — written once in :meth:`_ask`.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime

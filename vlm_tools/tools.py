@@ -2,8 +2,7 @@
 
 Every tool is declared in :data:`TOOLS` (name, title, function) and registered by :func:`register_tools`. The
 functions only translate: MCP arguments in, :class:`~vlm_tools.service.VisionService` call, a tool result out
-(structured content, its JSON text copy, and an annotated image when asked). Descriptions are written as plain
-paragraphs: an agent reads them as they are, so they carry no source indentation.
+(structured content, its JSON text copy, and an annotated image when asked).
 """
 
 from __future__ import annotations
@@ -200,7 +199,8 @@ TOOLS = (
 
 def plain(docstring: str | None) -> str:
     """A docstring as one plain paragraph per blank-line-separated block: no source indentation, no line breaks
-    inside a paragraph."""
+    inside a paragraph. Tool descriptions are written as plain paragraphs: an agent reads them as they are, so they
+    carry no source indentation."""
     blocks = inspect.cleandoc(docstring or "").split("\n\n")
     return "\n\n".join(" ".join(block.split()) for block in blocks if block.strip())
 

@@ -1,9 +1,8 @@
 """The backend contract: what the engine hands a model and what it gets back.
 
-A backend is kept resident and serves one model of one family. A :class:`BatchBackend` (a model in this process)
-takes a *batch* of requests of one task on a worker thread and returns one outcome per request; a
-:class:`ConcurrentBackend` (an inference server, a Ray Serve deployment) answers each request on its own, many at
-once, on the event loop. This module must stay importable without torch.
+A backend is kept resident and serves one model of one family: a :class:`BatchBackend` (a model in this process)
+runs batches on a worker thread, a :class:`ConcurrentBackend` (an inference server, a Ray Serve deployment) answers
+each request on its own, many at once, on the event loop. This module must stay importable without torch.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Encoded images kept for reuse: what a model made of an image it has already seen.
 
 An agent sends a screenshot once and asks several things about it by ``image_id``. Each local backend keeps, per
-image id, what its family's processor and vision encoder made of that image (for Molmo2 the image's token ids
-and its pooled vision features; for PaliGemma its projected SigLIP features), so a follow-up call runs neither
-again. Bounded in bytes, least recently used evicted first, and an entry goes when its image leaves the image
-store (:meth:`EncodingCache.forget`); image ids are random and bound to one session, so entries are scoped as the
-images are. Thread-safe: batches are prepared on a worker thread while the store evicts on the event loop.
+image id, what its family's processor and vision encoder made of that image (for Molmo2 its token ids and pooled
+vision features; for PaliGemma its projected SigLIP features), so a follow-up call runs neither again.
 """
 
 from __future__ import annotations
@@ -16,7 +13,12 @@ from typing import Any
 
 
 class EncodingCache:
-    """An LRU of ``image_id → encoding``, bounded by ``max_bytes`` (the sizes :meth:`put` is told)."""
+    """An LRU of ``image_id → encoding``, bounded by ``max_bytes`` (the sizes :meth:`put` is told).
+
+    Least recently used evicted first, and an entry goes when its image leaves the image store (:meth:`forget`);
+    image ids are random and bound to one session, so entries are scoped as the images are. Thread-safe: batches
+    are prepared on a worker thread while the store evicts on the event loop.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes

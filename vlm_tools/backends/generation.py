@@ -1,13 +1,7 @@
 """Batched greedy generation for the local backends: per-row stopping and limits, and greedy that inherits nothing.
 
-Imported only when a local backend loads (it imports torch and transformers at module level).
-
-*Greedy means greedy.* A checkpoint's ``generation_config.json`` may set ``repetition_penalty``,
-``no_repeat_ngram_size``, ``min_new_tokens``, ``suppress_tokens``, sampling… and ``generate`` fills every value a
-call leaves unset from the model's ``generation_config`` — even from a config passed explicitly. A repetition
-penalty is poison for digit-heavy point output. So a loaded model's ``generation_config`` is replaced by
-:func:`neutral_generation_config` (its stop and padding ids, nothing else), and :func:`generate_rows` asks for
-greedy decoding in so many words.
+Imported only when a local backend loads (it imports torch and transformers at module level). Why greedy must
+inherit nothing from a checkpoint: :func:`neutral_generation_config`.
 """
 
 from __future__ import annotations
@@ -146,7 +140,14 @@ def pad_token_id(model: Any, tokenizer: Any, eos_token_ids: Sequence[int]) -> in
 
 def neutral_generation_config(model: Any, eos_token_ids: Sequence[int], pad: int) -> GenerationConfig:
     """A generation config with the model's BOS, stop and padding ids and nothing else: nothing for
-    ``generate`` to inherit from the checkpoint's ``generation_config.json`` (see the module docstring)."""
+    ``generate`` to inherit from the checkpoint's ``generation_config.json``.
+
+    *Greedy means greedy.* A checkpoint's ``generation_config.json`` may set ``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``min_new_tokens``, ``suppress_tokens``, sampling… and ``generate`` fills every value a
+    call leaves unset from the model's ``generation_config`` — even from a config passed explicitly. A repetition
+    penalty is poison for digit-heavy point output. So a loaded model's ``generation_config`` is replaced by this
+    one (its stop and padding ids, nothing else), and :func:`generate_rows` asks for greedy decoding in so many words.
+    """
     bos = getattr(getattr(model, "generation_config", None), "bos_token_id", None)
     return GenerationConfig(bos_token_id=bos, eos_token_id=list(eos_token_ids), pad_token_id=pad)
 

@@ -2,8 +2,7 @@
 
 The family is read from the model's ``config.json`` (``model_type``), never guessed from its name, so a local
 directory, a fine-tune under any name and a hub id all take the same path. Importing this module does not import
-torch or transformers; they load inside the functions that need them. Hub downloads report progress on stderr
-(tqdm's default), so the stdio MCP transport stays clean.
+torch or transformers; they load inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -90,7 +89,10 @@ def local_backend_class(family: Family, model: str) -> type[Backend]:
 
 def load_backend(model: str, settings: Settings, *, local_files_only: bool = False) -> Backend:
     """Load ``model`` as a resident backend of its family (read from its config); with ``local_files_only`` the hub
-    is never asked."""
+    is never asked.
+
+    Hub downloads report progress on stderr (tqdm's default), so the stdio MCP transport stays clean.
+    """
     family = read_family(model, local_files_only=local_files_only)
     backend_class = local_backend_class(family, model)
     return backend_class.load(model, family, settings, local_files_only=local_files_only)  # type: ignore[attr-defined]

@@ -1,11 +1,7 @@
 """A model resident in this process: loading, and the batched greedy path every local family shares.
 
-:meth:`LocalBackend.run_batch` reads top-down: each request's prompt from its family, :meth:`serving_inputs` (the
-left-padded batch, each image's encoding reused or made), one greedy ``generate``
-(:func:`~vlm_tools.backends.generation.generate_rows`), and each row decoded and read by the family's parser. A
-family's backend file holds only what differs: its processor call (:meth:`reference_inputs`), how it encodes
-images and lays a prompt out around an encoding. Images are encoded ahead of their batch on a few threads of their
-own (:meth:`prefetch`). Imported only when a local model loads.
+A family's backend file holds only what differs (the hooks of :class:`LocalBackend`); the shared path reads
+top-down in :meth:`LocalBackend.run_batch`. Imported only when a local model loads.
 """
 
 from __future__ import annotations
@@ -46,6 +42,10 @@ def prefetch_workers() -> int:
 
 class LocalBackend(BatchBackend):
     """A resident model of one family; subclasses fill in the hooks.
+
+    A family's backend file holds only what differs: its processor call (:meth:`reference_inputs`), how it encodes
+    images and lays a prompt out around an encoding. Images are encoded ahead of their batch on a few threads of
+    their own (:meth:`prefetch`).
 
     Args:
         name: what results report as ``model`` (the hub id or directory it was loaded from).
@@ -108,7 +108,12 @@ class LocalBackend(BatchBackend):
     # --- running ------------------------------------------------------------------------------------------
 
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
-        """Run the requests in one ``generate`` call; per-request failures and cancellations stay in their slot."""
+        """Run the requests in one ``generate`` call; per-request failures and cancellations stay in their slot.
+
+        It reads top-down: each request's prompt from its family, :meth:`serving_inputs` (the left-padded batch,
+        each image's encoding reused or made), one greedy ``generate``
+        (:func:`~vlm_tools.backends.generation.generate_rows`), and each row decoded and read by the family's parser.
+        """
         outcomes: list[Outcome | None] = [None] * len(requests)
         live: list[int] = []
         prompts: list[str] = []

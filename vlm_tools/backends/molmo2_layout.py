@@ -1,17 +1,7 @@
 """How a Molmo2 checkpoint's prompt is laid out around an image, decided once at load by probing the checkpoint.
 
-Molmo2 checkpoints differ in their chat templates: Molmo2-4B hoists the image to the front (``<|image|><|im_start|>
-user\\n…``); others put it inside the user turn, emit BOS themselves, or carry a preamble. Rather than assume one,
-:func:`plan_layout` renders the checkpoint's own template around placeholder prompts, lays the tokens out as the
-fast paths would, and holds them against the processor's own output on a probe image, token for token:
-
-* ``prefix`` — everything up to and including the image is the same for every prompt: the language model's keys
-  and values over it are read once per image and kept (:mod:`~vlm_tools.backends.prefixes`);
-* ``reuse`` — the image's encoding is reused, the whole prompt is read each time (the prompt precedes the image);
-* ``processor`` — the processor's own call every time (the fast layouts do not reproduce its tokens).
-
-The template's fixed text is rendered once, with a placeholder where the prompt goes, when the template passes a
-prompt through verbatim (checked); otherwise it is rendered per request.
+Molmo2 checkpoints differ in their chat templates; rather than assume one, :func:`plan_layout` probes the
+checkpoint's own and picks a serving mode (:class:`Molmo2Layout`).
 """
 
 from __future__ import annotations
@@ -32,8 +22,15 @@ _PROBE_PROMPTS = ("Point to the red button.", "What does the sign say? Answer in
 class Molmo2Layout:
     """The serving path chosen for one checkpoint and how to lay a prompt out on it.
 
+    The modes:
+
+    * ``prefix`` — everything up to and including the image is the same for every prompt: the language model's keys
+      and values over it are read once per image and kept (:mod:`~vlm_tools.backends.prefixes`);
+    * ``reuse`` — the image's encoding is reused, the whole prompt is read each time (the prompt precedes the image);
+    * ``processor`` — the processor's own call every time (the fast layouts do not reproduce its tokens).
+
     Attributes:
-        mode: ``prefix``, ``reuse`` or ``processor`` (see the module docstring).
+        mode: ``prefix``, ``reuse`` or ``processor``.
         reason: why, in words, for the start-up line and ``doctor``.
         render: the prompt's full text as the chat template writes it (image placeholder included).
         image_token: the placeholder the template writes for the image.
@@ -79,7 +76,17 @@ def conversation(image: Any, prompt: str) -> list[dict[str, Any]]:
 
 def plan_layout(processor: Any) -> Molmo2Layout:
     """Probe ``processor`` (its chat template, tokenizer and image processor) and choose the serving layout; no
-    model weights are needed. ``prefix`` here still has to pass the model's own check at load."""
+    model weights are needed. ``prefix`` here still has to pass the model's own check at load.
+
+    Molmo2 checkpoints differ in their chat templates: Molmo2-4B hoists the image to the front
+    (``<|image|><|im_start|>user\\n…``); others put it inside the user turn, emit BOS themselves, or carry a
+    preamble. Rather than assume one, this renders the checkpoint's own template around placeholder prompts, lays
+    the tokens out as the fast paths would, and holds them against the processor's own output on a probe image,
+    token for token.
+
+    The template's fixed text is rendered once, with a placeholder where the prompt goes, when the template passes a
+    prompt through verbatim (checked); otherwise it is rendered per request.
+    """
     tokenizer = processor.tokenizer
     image_token = getattr(processor, "image_token", None) or "<|image|>"
 

@@ -1,15 +1,7 @@
 """Molmo2 (``allenai/Molmo2-4B`` …) resident in this process, through transformers' native implementation.
 
-A batch runs as ONE ``generate`` call, whatever the sizes and aspect ratios of its images: an image's crops become
-one run of image tokens whose pooled features are added, in order, onto its ``<im_patch>`` tokens (rows may hold
-different numbers of them); the image tokens of a row attend to each other bidirectionally through
-``mm_token_type_ids`` (padding is type 0, so left padding changes nothing); ``generate`` derives position ids from
-the attention mask.
-
-How a prompt is laid out around an image is the checkpoint's own chat template, probed at load
-(:mod:`~vlm_tools.backends.molmo2_layout`): where everything up to the image is the same for every prompt, the
-language model's keys and values over it are read once per image and kept with its encoding, and each question
-reads only its own turn (:mod:`~vlm_tools.backends.prefixes`).
+A batch runs as ONE ``generate`` call, whatever its images, and a follow-up question on an image reads only its
+own turn where the checkpoint's template allows (see :class:`Molmo2Backend`).
 """
 
 from __future__ import annotations
@@ -51,7 +43,19 @@ class Molmo2Image:
 
 
 class Molmo2Backend(LocalBackend):
-    """A resident Molmo2 model: its chat template probed at load, batched greedy generation, family parsing."""
+    """A resident Molmo2 model: its chat template probed at load, batched greedy generation, family parsing.
+
+    A batch runs as ONE ``generate`` call, whatever the sizes and aspect ratios of its images: an image's crops become
+    one run of image tokens whose pooled features are added, in order, onto its ``<im_patch>`` tokens (rows may hold
+    different numbers of them); the image tokens of a row attend to each other bidirectionally through
+    ``mm_token_type_ids`` (padding is type 0, so left padding changes nothing); ``generate`` derives position ids from
+    the attention mask.
+
+    How a prompt is laid out around an image is the checkpoint's own chat template, probed at load
+    (:mod:`~vlm_tools.backends.molmo2_layout`): where everything up to the image is the same for every prompt, the
+    language model's keys and values over it are read once per image and kept with its encoding, and each question
+    reads only its own turn (:mod:`~vlm_tools.backends.prefixes`).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

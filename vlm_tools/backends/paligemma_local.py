@@ -1,15 +1,7 @@
 """PaliGemma 2 resident in this process: one greedy ``generate`` per batch.
 
-How transformers 5's ``PaliGemmaProcessor`` lays a prompt out (read from its source): for each text that contains
-``<image>`` it puts ``<bos>`` right after the *last* ``<image>`` and appends ``"\\n"``, then expands each
-``<image>`` to ``image_seq_length`` image tokens. It always returns ``token_type_ids`` (all 0 for a prompt: the
-whole prompt is the bidirectional prefix; ``generate`` marks new tokens 1) and, for training, a ``labels`` tensor
-that must not reach ``generate``. ``generate`` derives position ids from the attention mask, so a left-padded row
-sees the same positions as it would alone.
-
-:meth:`PaliGemmaBackend.serving_inputs` writes that layout itself around each image's projected SigLIP features
-(reused for an image seen before) and gives ``generate`` the features ready-made (``mm_encoder_outputs``);
-:meth:`PaliGemmaBackend.reference_inputs` is the processor's own call, which the tests hold it to.
+It writes the processor's prompt layout itself, around each image's reused SigLIP features
+(:class:`PaliGemmaBackend`).
 """
 
 from __future__ import annotations
@@ -44,7 +36,19 @@ class PaliGemmaImage:
 
 
 class PaliGemmaBackend(LocalBackend):
-    """A PaliGemma (2) checkpoint kept resident; runs a batch of one task in one ``generate`` call."""
+    """A PaliGemma (2) checkpoint kept resident; runs a batch of one task in one ``generate`` call.
+
+    How transformers 5's ``PaliGemmaProcessor`` lays a prompt out (read from its source): for each text that contains
+    ``<image>`` it puts ``<bos>`` right after the *last* ``<image>`` and appends ``"\\n"``, then expands each
+    ``<image>`` to ``image_seq_length`` image tokens. It always returns ``token_type_ids`` (all 0 for a prompt: the
+    whole prompt is the bidirectional prefix; ``generate`` marks new tokens 1) and, for training, a ``labels`` tensor
+    that must not reach ``generate``. ``generate`` derives position ids from the attention mask, so a left-padded row
+    sees the same positions as it would alone.
+
+    :meth:`serving_inputs` writes that layout itself around each image's projected SigLIP features
+    (reused for an image seen before) and gives ``generate`` the features ready-made (``mm_encoder_outputs``);
+    :meth:`reference_inputs` is the processor's own call, which the tests hold it to.
+    """
 
     bidirectional_prefix: bool = True
     """Whether image and prompt are read as one bidirectional prefix (``token_type_ids`` 0), as Google trained

@@ -1,22 +1,7 @@
 """Prompts read on from a kept prefix: the key/value cache of the tokens that depend on the image alone.
 
-A Molmo2 prompt whose template puts the image before the prompt starts with the same tokens for every question
-(BOS, any fixed text, the image's tokens), then the user's turn; those tokens attend to each other (the image's
-bidirectionally), never to the text after them. So the language model's keys and values over that prefix are a
-function of the image alone, and a follow-up question on the same image need not read its ~1,200
-image tokens again: :func:`continue_from_prefixes` lays a batch out so that ``generate`` starts from the kept
-prefixes and reads only each row's own turn.
-
-Rows of a batch hold prefixes and turns of different lengths. The cache handed to ``generate`` must be one tensor
-per layer, so each row is laid out as::
-
-    [padding | prefix (cached) | hole | turn (read now)]
-
-left padding before the prefix so that every row's prefix ends at the same column, and a hole of padding before
-the turn so that every row's turn ends at the last column. Padding and hole are masked out; ``generate`` derives
-position ids from the attention mask, so the prefix sits at positions ``0 … P-1`` and the turn right after it —
-exactly where the row's tokens sit when read in one pass, left-padded. Not for PaliGemma: its image tokens and
-prompt form one bidirectional prefix, so the image's keys depend on the question.
+A follow-up question on a Molmo2 image need not read its ~1,200 image tokens again; how a batch is laid out to
+start from the kept prefixes: :func:`continue_from_prefixes`.
 """
 
 from __future__ import annotations
@@ -72,9 +57,27 @@ def prefixes_from_cache(cache: Any, rows: Sequence[Sequence[int]]) -> list[Prefi
 def continue_from_prefixes(
     prefixes: Sequence[Prefix], turns: Sequence[Sequence[int]], *, pad_token_id: int, config: Any, device: Any = "cpu"
 ) -> dict[str, Any]:
-    """``generate`` inputs for rows ``prefix + turn`` whose prefixes are already read (see the module docstring):
-    the full ``input_ids`` and ``attention_mask`` on ``device`` and a cache holding every row's prefix (each layer
-    where its prefix tensors are)."""
+    """``generate`` inputs for rows ``prefix + turn`` whose prefixes are already read: the full ``input_ids`` and
+    ``attention_mask`` on ``device`` and a cache holding every row's prefix (each layer where its prefix tensors are).
+
+    A Molmo2 prompt whose template puts the image before the prompt starts with the same tokens for every question
+    (BOS, any fixed text, the image's tokens), then the user's turn; those tokens attend to each other (the image's
+    bidirectionally), never to the text after them. So the language model's keys and values over that prefix are a
+    function of the image alone, and a follow-up question on the same image need not read its ~1,200 image tokens
+    again: this lays a batch out so that ``generate`` starts from the kept prefixes and reads only each row's own
+    turn.
+
+    Rows of a batch hold prefixes and turns of different lengths. The cache handed to ``generate`` must be one tensor
+    per layer, so each row is laid out as::
+
+        [padding | prefix (cached) | hole | turn (read now)]
+
+    left padding before the prefix so that every row's prefix ends at the same column, and a hole of padding before
+    the turn so that every row's turn ends at the last column. Padding and hole are masked out; ``generate`` derives
+    position ids from the attention mask, so the prefix sits at positions ``0 … P-1`` and the turn right after it —
+    exactly where the row's tokens sit when read in one pass, left-padded. Not for PaliGemma: its image tokens and
+    prompt form one bidirectional prefix, so the image's keys depend on the question.
+    """
     if len(prefixes) != len(turns) or not prefixes:
         raise ValueError("one prefix and one turn per row, at least one row")
     # Each part left-padded on its own: the left padding of the turns is the hole after each prefix.

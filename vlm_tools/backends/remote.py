@@ -1,17 +1,7 @@
 """The remote backend: the same tools served by an OpenAI-compatible inference server (vLLM, ``transformers serve``).
 
-Prompts and parsers are the family's, as for a local model. What this module adds is the request shape:
-
-* one ``user`` message whose content is ``[image_url, text]``: the image as a ``data:image/png;base64,…`` URI
-  encoded ahead, on a thread of its own, from the image the server already fetched, decoded and checked (a user's
-  URL never reaches the inference server, whose own fetching has had SSRF holes), kept by image id so a follow-up
-  sends the same bytes without encoding them again;
-* greedy decoding that inherits nothing: vLLM takes its default sampling parameters from the checkpoint's
-  ``generation_config.json``, so the neutral values are sent explicitly (and vLLM's own, see
-  :data:`~vlm_tools.backends.remote_client.VLLM_EXTRAS`).
-
-Each request is sent on its own and answers its caller as soon as its own answer arrives (the server batches
-concurrent requests itself); cancelling a call closes its connection.
+Prompts and parsers are the family's, as for a local model. What this module adds is the request shape, set out
+in :class:`RemoteBackend`.
 """
 
 from __future__ import annotations
@@ -67,6 +57,19 @@ def chat_body(model: str, prompt: str, image_url: str, max_new_tokens: int) -> d
 
 class RemoteBackend(ConcurrentBackend):
     """A model of one family served by one or more OpenAI-compatible servers (all serving the same model).
+
+    The request shape:
+
+    * one ``user`` message whose content is ``[image_url, text]``: the image as a ``data:image/png;base64,…`` URI
+      encoded ahead, on a thread of its own, from the image the server already fetched, decoded and checked (a user's
+      URL never reaches the inference server, whose own fetching has had SSRF holes), kept by image id so a follow-up
+      sends the same bytes without encoding them again;
+    * greedy decoding that inherits nothing: vLLM takes its default sampling parameters from the checkpoint's
+      ``generation_config.json``, so the neutral values are sent explicitly (and vLLM's own, see
+      :data:`~vlm_tools.backends.remote_client.VLLM_EXTRAS`).
+
+    Each request is sent on its own and answers its caller as soon as its own answer arrives (the server batches
+    concurrent requests itself); cancelling a call closes its connection.
 
     Args:
         base_urls: e.g. ``("http://gpu1:8000/v1", "http://gpu2:8000/v1")``.

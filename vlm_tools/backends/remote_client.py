@@ -1,22 +1,6 @@
 """A pool of OpenAI-compatible inference servers: pick, send, retry elsewhere, and type every failure.
 
-All servers in a pool serve the same model. Each request goes to the server with the fewest outstanding
-requests (waiting for a slot or in flight; ties go to the one picked least recently), through a per-server
-semaphore of ``concurrency`` slots. Failures are sorted into three kinds:
-
-* **server trouble** — refused or dropped connection, HTTP 5xx other than 503: the server is marked down for a
-  back-off (doubling from ``backoff_s[0]`` up to ``backoff_s[1]``, reset by a success) and the request is retried
-  on another server. Tool calls are idempotent, so a retry is safe; each server is tried at most once per request.
-* **saturation** — HTTP 429 or 503: the request is retried on another server; when none can take it, it fails
-  with :class:`~vlm_tools.errors.Busy`. A 503 also marks the server down briefly (a dead worker answers 503 too,
-  and answers it fast, which would otherwise make it everybody's first pick).
-* **request trouble** — any other 4xx, an answer that is not a chat completion, a time-out: no retry, a typed
-  error naming the server (:class:`~vlm_tools.errors.ModelError` / :class:`~vlm_tools.errors.Timeout`).
-
-A down server is still tried when no server that is up is left to try, so a pool of one keeps probing its server
-instead of refusing for the whole back-off. The pool runs on a private asyncio event loop in a daemon thread; the
-engine's worker threads hand it requests through :meth:`ServerPool.submit` and may cancel them, which closes the
-HTTP connection (vLLM then aborts the generation).
+How a server is picked, which failures are retried elsewhere and how each is typed: :class:`ServerPool`.
 """
 
 from __future__ import annotations
@@ -114,7 +98,25 @@ class _Retry(Exception):
 
 
 class ServerPool:
-    """Inference servers behind one interface; see the module docstring for the rules.
+    """Inference servers behind one interface.
+
+    All servers in a pool serve the same model. Each request goes to the server with the fewest outstanding
+    requests (waiting for a slot or in flight; ties go to the one picked least recently), through a per-server
+    semaphore of ``concurrency`` slots. Failures are sorted into three kinds:
+
+    * **server trouble** — refused or dropped connection, HTTP 5xx other than 503: the server is marked down for a
+      back-off (doubling from ``backoff_s[0]`` up to ``backoff_s[1]``, reset by a success) and the request is retried
+      on another server. Tool calls are idempotent, so a retry is safe; each server is tried at most once per request.
+    * **saturation** — HTTP 429 or 503: the request is retried on another server; when none can take it, it fails
+      with :class:`~vlm_tools.errors.Busy`. A 503 also marks the server down briefly (a dead worker answers 503 too,
+      and answers it fast, which would otherwise make it everybody's first pick).
+    * **request trouble** — any other 4xx, an answer that is not a chat completion, a time-out: no retry, a typed
+      error naming the server (:class:`~vlm_tools.errors.ModelError` / :class:`~vlm_tools.errors.Timeout`).
+
+    A down server is still tried when no server that is up is left to try, so a pool of one keeps probing its server
+    instead of refusing for the whole back-off. The pool runs on a private asyncio event loop in a daemon thread; the
+    engine's worker threads hand it requests through :meth:`ServerPool.submit` and may cancel them, which closes the
+    HTTP connection (vLLM then aborts the generation).
 
     Args:
         urls: base URLs ending where ``/chat/completions`` and ``/models`` hang, e.g. ``http://gpu1:8000/v1``.

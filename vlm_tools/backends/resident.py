@@ -1,9 +1,7 @@
 """A model in this process that is there before its weights are: it loads in the background, says how far it got,
 frees its weights after a while without calls, and loads them again when the next call comes.
 
-The server answers the MCP handshake at once and routes tools by the model's family (read from its config before
-the transport starts); a call that arrives while the weights load waits for them (:meth:`ResidentModel.wait_ready`,
-with progress), and the engine's worker, which runs the batches, finds them loaded.
+So the server answers the MCP handshake at once; how a call meets the weights: :class:`ResidentModel`.
 """
 
 from __future__ import annotations
@@ -51,6 +49,10 @@ class LoadProgress:
 
 class ResidentModel(BatchBackend):
     """A local model known by name and family at once, its weights loaded by ``loader`` in the background.
+
+    The server answers the MCP handshake at once and routes tools by the model's family (read from its config before
+    the transport starts); a call that arrives while the weights load waits for them (:meth:`wait_ready`, with
+    progress), and the engine's worker, which runs the batches, finds them loaded.
 
     Args:
         name: what results report as ``model``.

@@ -1,10 +1,7 @@
 """One model in this process: its FIFO queue and the worker thread(s) that run its batches.
 
-A worker takes the oldest waiting request, gathers waiting requests of the same task (other tasks keep their place,
-so nothing starves), runs them as one ``run_batch`` and hands each outcome to its caller. A batch that raises is
-split so that a fault stays with the request that caused it; out-of-memory halves it; a
-:class:`~vlm_tools.errors.ModelBroken` error, or every request failing alone the same way, marks the model as not
-serving (no request is then run twice for nothing) until a batch succeeds again.
+How a worker gathers a batch, so that nothing starves, and keeps a fault with the request that caused it:
+:class:`BatchLane`.
 """
 
 from __future__ import annotations
@@ -25,7 +22,14 @@ logger = logging.getLogger(__name__)
 
 
 class BatchLane:
-    """The queue and workers of one :class:`BatchBackend`. ``cond`` guards the mutable state and wakes workers."""
+    """The queue and workers of one :class:`BatchBackend`. ``cond`` guards the mutable state and wakes workers.
+
+    A worker takes the oldest waiting request, gathers waiting requests of the same task (other tasks keep their place,
+    so nothing starves), runs them as one ``run_batch`` and hands each outcome to its caller. A batch that raises is
+    split so that a fault stays with the request that caused it; out-of-memory halves it; a
+    :class:`~vlm_tools.errors.ModelBroken` error, or every request failing alone the same way, marks the model as not
+    serving (no request is then run twice for nothing) until a batch succeeds again.
+    """
 
     def __init__(self, backend: BatchBackend, limits: Limits, metrics: Metrics) -> None:
         self.backend = backend

@@ -24,7 +24,13 @@ Lane = BatchLane | ConcurrentLane
 
 
 class Engine:
-    """Runs requests on resident backends; see the package docstring for the rules.
+    """Runs requests on resident backends.
+
+    The tool layer awaits :meth:`submit` on the event loop; a model never runs there. A model in this process
+    gets a :class:`~vlm_tools.engine.batch_lane.BatchLane` (a queue and worker threads that micro-batch), a model
+    served elsewhere a :class:`~vlm_tools.engine.concurrent_lane.ConcurrentLane` (each request on its own). Admission is
+    per model: at most ``queue_size`` requests wait for each, so a backlog on one model never refuses work for another,
+    and past the bound :meth:`submit` raises :class:`~vlm_tools.errors.Busy` at once.
 
     Args:
         backends: the models (distinct names); each gets its own lane.

@@ -1,13 +1,9 @@
 """The safe inputs layer: every image source an agent may send, turned into a checked RGB image.
 
-* :mod:`.decode` — bytes → upright 8-bit RGB (format allowlist, pixel cap before decoding);
-* :mod:`.paths` — local files confined to the allowed directories;
-* :mod:`.fetch` — SSRF-safe http(s) fetching;
-* :mod:`.store` — what an image store does: decoded images kept for reuse by ``image_id``;
-* :mod:`.memory_store`, :mod:`.redis_store` — the stores: this process's memory, or Redis shared by many
-  (:mod:`.stores` opens the one the settings name; :mod:`.lru` is the in-process LRU both keep);
-* :mod:`.encode` — an image as a PNG ``data:`` URI (what inference servers are sent);
-* :mod:`.sources` — the one entry point: any accepted source form → a stored image.
+:mod:`.sources` is the one entry point (any accepted source form → a stored image); behind it :mod:`.decode`
+(bytes → upright 8-bit RGB), :mod:`.paths` (local files confined to the allowed directories), :mod:`.fetch`
+(SSRF-safe http(s)), :mod:`.stores` (the image store the settings name: :mod:`.memory_store` or :mod:`.redis_store`,
+behind :mod:`.store`'s interface) and :mod:`.encode` (an image as a PNG ``data:`` URI).
 """
 
 from .decode import ACCEPTED_FORMATS, decode_image

@@ -1,15 +1,7 @@
 """Bytes → a checked 8-bit RGB image, the only place image bytes are parsed.
 
-Every image source (file, URL, data URI, base64) ends here. Hostile input is normal input, so:
-
-* only the formats in :data:`ACCEPTED_FORMATS` are even tried (most Pillow CVEs live in exotic plugins: PSD,
-  EPS, FITS, McIdas, JPEG 2000), never chosen by file name;
-* the pixel count is read from the header and checked *before* any pixel is decoded (a 100000×100000 PNG is
-  a few hundred bytes);
-* the pixels are fully loaded here, so truncated data fails here with a typed error rather than later inside
-  a model;
-* the result is always an upright (EXIF orientation applied), single-frame, 8-bit RGB image, transparency
-  composited on white — the one form every backend and every coordinate in a result refers to.
+Every image source (file, URL, data URI, base64) ends here, and hostile input is normal input: the checks are
+listed at :func:`decode_image`.
 """
 
 from __future__ import annotations
@@ -34,6 +26,17 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image of at most ``max_pixels`` pixels.
+
+    Hostile input is normal input, so:
+
+    * only the formats in :data:`ACCEPTED_FORMATS` are even tried (most Pillow CVEs live in exotic plugins: PSD,
+      EPS, FITS, McIdas, JPEG 2000), never chosen by file name;
+    * the pixel count is read from the header and checked *before* any pixel is decoded (a 100000×100000 PNG is
+      a few hundred bytes);
+    * the pixels are fully loaded here, so truncated data fails here with a typed error rather than later inside
+      a model;
+    * the result is always an upright (EXIF orientation applied), single-frame, 8-bit RGB image, transparency
+      composited on white — the one form every backend and every coordinate in a result refers to.
 
     Raises :class:`~vlm_tools.errors.InvalidImage` for empty, unrecognised, broken or truncated data, and
     :class:`~vlm_tools.errors.ImageTooLarge` when the header announces more than ``max_pixels`` pixels (or more

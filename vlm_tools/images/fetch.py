@@ -1,22 +1,7 @@
 """SSRF-safe fetching of user-given http(s) URLs.
 
 A server that fetches a URL an agent (or a prompt-injected page) chose must never become a proxy into the
-network it runs in. The rules, in the order they apply to every hop of a fetch:
-
-1. only ``http`` and ``https``; no ``user@host`` (a classic confusion trick); a non-empty host;
-2. the host is parsed here: every IPv4 spelling libc's ``inet_aton`` accepts (``2130706433``, ``0177.0.0.1``,
-   ``0x7f.1``, ``127.1``) and every IPv6 form that embeds an IPv4 address (mapped, compatible, NAT64, 6to4,
-   Teredo) is normalised before it is judged;
-3. a host name is resolved ONCE and every address it resolves to is checked (one bad address refuses the URL);
-4. the connection goes to the checked address: the request URL carries the IP literal, the ``Host`` header the
-   original name, and for https the TLS SNI (and certificate check) the original name — so a second DNS answer
-   (DNS rebinding) can never redirect the connection;
-5. redirects are followed here, not by httpx, so each hop goes through 1–4 again; at most ``max_redirects``;
-6. the body is streamed with the byte cap enforced while reading (a lying or missing ``Content-Length`` changes
-   nothing) and the whole fetch, redirects included, runs under one deadline.
-
-Over the byte cap is :class:`~vlm_tools.errors.ImageTooLarge` (the same code as an over-large file or data
-URI); every other failure of a permitted URL is :class:`~vlm_tools.errors.FetchFailed`.
+network it runs in; :class:`UrlFetcher` holds the rules that see to it.
 """
 
 from __future__ import annotations
@@ -248,7 +233,23 @@ async def system_resolve(host: str, port: int) -> list[str]:
 
 
 class UrlFetcher:
-    """Fetch one http(s) URL under the SSRF rules of this module (see the module docstring)."""
+    """Fetch one http(s) URL under the SSRF rules, which apply, in this order, to every hop of a fetch:
+
+    1. only ``http`` and ``https``; no ``user@host`` (a classic confusion trick); a non-empty host;
+    2. the host is parsed here: every IPv4 spelling libc's ``inet_aton`` accepts (``2130706433``, ``0177.0.0.1``,
+       ``0x7f.1``, ``127.1``) and every IPv6 form that embeds an IPv4 address (mapped, compatible, NAT64, 6to4,
+       Teredo) is normalised before it is judged;
+    3. a host name is resolved ONCE and every address it resolves to is checked (one bad address refuses the URL);
+    4. the connection goes to the checked address: the request URL carries the IP literal, the ``Host`` header the
+       original name, and for https the TLS SNI (and certificate check) the original name — so a second DNS answer
+       (DNS rebinding) can never redirect the connection;
+    5. redirects are followed here, not by httpx, so each hop goes through 1–4 again; at most ``max_redirects``;
+    6. the body is streamed with the byte cap enforced while reading (a lying or missing ``Content-Length`` changes
+       nothing) and the whole fetch, redirects included, runs under one deadline.
+
+    Over the byte cap is :class:`~vlm_tools.errors.ImageTooLarge` (the same code as an over-large file or data
+    URI); every other failure of a permitted URL is :class:`~vlm_tools.errors.FetchFailed`.
+    """
 
     def __init__(
         self,

@@ -1,10 +1,7 @@
 """Local file access confined to the allowed directories.
 
 Confinement by string prefix is broken (``/allowed_x`` passes a check for ``/allowed``) and so is one that does
-not resolve symlinks. Here a path is made absolute, symlinks are resolved, and the *components* of the result are
-compared with the resolved roots. Only regular files are read: directories, FIFOs (which would block a reader
-forever), devices (``/dev/zero`` never ends) and sockets are refused from ``stat`` before anything is opened, and
-the read itself re-checks the opened descriptor.
+not resolve symlinks; how it is done here: :func:`resolve_allowed_path`.
 """
 
 from __future__ import annotations
@@ -24,6 +21,11 @@ MAX_PATH_CHARS = 4096
 
 def resolve_allowed_path(raw: str, roots: Sequence[Path]) -> Path:
     """Resolve ``raw`` (absolute, relative to the working directory, or ``~``) to a regular file inside ``roots``.
+
+    The path is made absolute, symlinks are resolved, and the *components* of the result are compared with the
+    resolved roots. Only regular files are read: directories, FIFOs (which would block a reader forever), devices
+    (``/dev/zero`` never ends) and sockets are refused from ``stat`` before anything is opened, and the read itself
+    re-checks the opened descriptor (:func:`read_file_capped`).
 
     Raises :class:`~vlm_tools.errors.PathNotAllowed` for a path outside the roots (after symlinks), a path that
     does not exist (only said for paths inside the roots, so nothing is learnt about other directories), and

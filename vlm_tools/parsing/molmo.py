@@ -1,20 +1,6 @@
 """Molmo (0924) output: percent points in ``<point>`` / ``<points>`` attributes.
 
-The format (REFERENCE.md; the Molmo model card's discussion gives the same reading)::
-
-    <point x="63.3" y="85.8" alt="cup">cup</point>
-    <points x1="9.1" y1="11.7" x2="17.2" y2="41.3" alt="cups">cups</points>
-
-x and y are **percent** (0–100) of the image's width and height.
-
-Decisions:
-
-* Attributes in any order, single or double quotes; a bare ``x``/``y`` pair and numbered ``xN``/``yN`` pairs
-  are read from either tag, bare pair first, then by number (``x2`` before ``x10``).
-* A value over 100, negative, or not a plain decimal number drops that point only (the card's own parser
-  treats over-100 as invalid output).
-* A pair with a missing half, or a value the end of the output cut off, is dropped.
-* The label is the ``alt`` attribute, else the element's text, else ``None``.
+The format and what is dropped are in :func:`parse_points`.
 """
 
 from __future__ import annotations
@@ -36,7 +22,23 @@ _INDEXED_X = re.compile(r"x(\d{1,4})")
 def parse_points(raw: str) -> list[NormPoint]:
     """Points in Molmo output, normalised, in output order; ``[]`` when there are none or for garbage.
 
-    Never raises on a ``str`` (see the module docstring for what is dropped and why).
+    The format (REFERENCE.md; the Molmo model card's discussion gives the same reading)::
+
+        <point x="63.3" y="85.8" alt="cup">cup</point>
+        <points x1="9.1" y1="11.7" x2="17.2" y2="41.3" alt="cups">cups</points>
+
+    x and y are **percent** (0–100) of the image's width and height.
+
+    Decisions:
+
+    * Attributes in any order, single or double quotes; a bare ``x``/``y`` pair and numbered ``xN``/``yN`` pairs
+      are read from either tag, bare pair first, then by number (``x2`` before ``x10``).
+    * A value over 100, negative, or not a plain decimal number drops that point only (the card's own parser
+      treats over-100 as invalid output).
+    * A pair with a missing half, or a value the end of the output cut off, is dropped.
+    * The label is the ``alt`` attribute, else the element's text, else ``None``.
+
+    Never raises on a ``str``.
     """
     return [point for el in find_elements(require_str(raw), POINT_TAGS) for point in _element_points(el)]
 

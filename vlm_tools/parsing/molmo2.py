@@ -1,30 +1,6 @@
 """Molmo2 output: ``<points coords=…>`` on a 0–1000 scale, and the prose around them.
 
-The format (REFERENCE.md and the parsing code on the Molmo2 model card; transformers 5.23 ships no parser)::
-
-    <points coords="1 1 073 160 2 173 600" alt="boats">the boats</points>
-
-``coords`` holds one group per image: the image index (1-based), then triplets ``point-id x y`` with x and
-y on 0–1000 of the image's width and height, written zero-padded to three digits (``073``; ``1000`` has
-four). The card's reference parser separates groups by a tab, ``:``, ``,`` or ``;`` and accepts only 3–4
-digit coordinates; this parser does the same. Counting answers read
-``"Counting the <points …>the boats</points> shows a total of 3."``, ``There are 3 <points …>…</points>.``,
-or ``There are none.``. ``tests/golden/real_outputs.json`` holds outputs real models printed.
-
-Decisions:
-
-* Only the points of one image are returned — image 1 by default, since the server sends one image per
-  request; ``image_index=None`` returns the points of every image, in output order.
-* A group of ``3k`` numbers has no image index: it is one image's triplets (AI2's own UI reads
-  ``coords="1 193 076 2 226 144"`` so). A group of ``3k + 1`` numbers starts with its image index. A complete
-  group of any other length is malformed — which number is which cannot be told — and gives no points.
-* Video output is not read: a group led by a timestamp (``1.5``) rather than an integer image index, and
-  ``<tracks>`` elements. The server sends images only.
-* The singular ``<point coords=…>`` is read like ``<points>`` (not seen in the card, harmless to accept).
-* A coordinate over 1000, or a triplet that is not ``digits ddd[d] ddd[d]``, drops that point only.
-* Output cut off inside ``coords``: every triplet that is complete is kept; the last number is trusted only
-  if whitespace or a separator came after it (``"… 2 173 6"`` may be ``600`` cut short, so that point goes).
-* The label is the ``alt`` attribute, else the element's text, else ``None``.
+The format and what is dropped are in :func:`parse_points`.
 """
 
 from __future__ import annotations
@@ -49,11 +25,37 @@ _COORD = re.compile(r"\d{3,4}")
 def parse_points(raw: str, image_index: int | None = 1) -> list[NormPoint]:
     """Points in Molmo2 output, normalised, in output order; ``[]`` when there are none or for garbage.
 
+    The format (REFERENCE.md and the parsing code on the Molmo2 model card; transformers 5.23 ships no parser)::
+
+        <points coords="1 1 073 160 2 173 600" alt="boats">the boats</points>
+
+    ``coords`` holds one group per image: the image index (1-based), then triplets ``point-id x y`` with x and
+    y on 0–1000 of the image's width and height, written zero-padded to three digits (``073``; ``1000`` has
+    four). The card's reference parser separates groups by a tab, ``:``, ``,`` or ``;`` and accepts only 3–4
+    digit coordinates; this parser does the same. Counting answers read
+    ``"Counting the <points …>the boats</points> shows a total of 3."``, ``There are 3 <points …>…</points>.``,
+    or ``There are none.``. ``tests/golden/real_outputs.json`` holds outputs real models printed.
+
+    Decisions:
+
+    * Only the points of one image are returned — image 1 by default, since the server sends one image per
+      request; ``image_index=None`` returns the points of every image, in output order.
+    * A group of ``3k`` numbers has no image index: it is one image's triplets (AI2's own UI reads
+      ``coords="1 193 076 2 226 144"`` so). A group of ``3k + 1`` numbers starts with its image index. A complete
+      group of any other length is malformed — which number is which cannot be told — and gives no points.
+    * Video output is not read: a group led by a timestamp (``1.5``) rather than an integer image index, and
+      ``<tracks>`` elements. The server sends images only.
+    * The singular ``<point coords=…>`` is read like ``<points>`` (not seen in the card, harmless to accept).
+    * A coordinate over 1000, or a triplet that is not ``digits ddd[d] ddd[d]``, drops that point only.
+    * Output cut off inside ``coords``: every triplet that is complete is kept; the last number is trusted only
+      if whitespace or a separator came after it (``"… 2 173 6"`` may be ``600`` cut short, so that point goes).
+    * The label is the ``alt`` attribute, else the element's text, else ``None``.
+
+    Never raises on a ``str``.
+
     Args:
         raw: the model's decoded text.
         image_index: which image's points to return (1-based, as Molmo2 numbers them); ``None`` for all.
-
-    Never raises on a ``str`` (see the module docstring for what is dropped and why).
     """
     return [point for el in find_elements(require_str(raw), POINT_TAGS) for point in _element_points(el, image_index)]
 

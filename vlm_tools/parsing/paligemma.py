@@ -1,22 +1,6 @@
 """PaliGemma 2 output: location-token boxes and clean text.
 
-Detection output reads ``<locY0><locX0><locY1><locX1> label ; <loc…>… label2``: four location tokens in the
-order **y_min, x_min, y_max, x_max**, each a bin 0..1023 over the square model input, so a coordinate is
-``bin / 1024`` of the image (the square is the whole image stretched, so the same fraction holds for the
-original). Segmentation output puts 16 ``<segNNN>`` codes between the location tokens and the label.
-
-Decisions (lenient with output, never inventing geometry):
-
-* A box whose y_min > y_max or x_min > x_max is dropped, not swapped: the model emitted an invalid box, and
-  swapping would report a position it never gave. A zero-width or zero-height box is kept (its centre is
-  still where the model pointed).
-* A bin over 1024 (impossible for a real ``<locNNNN>`` token, possible in text from a remote server) drops
-  its box. Fewer than four location tokens in a row (output cut off, or stray tokens) make no box.
-* Segments are separated by ``;``. Only a ``;`` followed by the next box's location tokens (or the end of
-  the output) separates segments, so a label that itself contains ``;`` keeps it.
-* ``<seg…>`` codes are skipped (the box is kept; the mask codes need Google's decoder weights).
-* Anything after ``<eos>`` is ignored (padding in a batch); an echoed prompt (``…<bos>detect cat\\n``) is
-  ignored because the prompt always ends at its ``"\\n"``.
+Lenient with output, never inventing geometry: the format and what is dropped are in :func:`parse_detections`.
 """
 
 from __future__ import annotations
@@ -66,7 +50,25 @@ def _clean_label(text: str) -> str | None:
 def parse_detections(raw: str) -> list[NormBox]:
     """Boxes in PaliGemma detect / segment output, normalised, in output order; ``[]`` for anything else.
 
-    Never raises on a ``str`` (see the module docstring for what is dropped and why).
+    Detection output reads ``<locY0><locX0><locY1><locX1> label ; <loc…>… label2``: four location tokens in the
+    order **y_min, x_min, y_max, x_max**, each a bin 0..1023 over the square model input, so a coordinate is
+    ``bin / 1024`` of the image (the square is the whole image stretched, so the same fraction holds for the
+    original). Segmentation output puts 16 ``<segNNN>`` codes between the location tokens and the label.
+
+    Decisions (lenient with output, never inventing geometry):
+
+    * A box whose y_min > y_max or x_min > x_max is dropped, not swapped: the model emitted an invalid box, and
+      swapping would report a position it never gave. A zero-width or zero-height box is kept (its centre is
+      still where the model pointed).
+    * A bin over 1024 (impossible for a real ``<locNNNN>`` token, possible in text from a remote server) drops
+      its box. Fewer than four location tokens in a row (output cut off, or stray tokens) make no box.
+    * Segments are separated by ``;``. Only a ``;`` followed by the next box's location tokens (or the end of
+      the output) separates segments, so a label that itself contains ``;`` keeps it.
+    * ``<seg…>`` codes are skipped (the box is kept; the mask codes need Google's decoder weights).
+    * Anything after ``<eos>`` is ignored (padding in a batch); an echoed prompt (``…<bos>detect cat\\n``) is
+      ignored because the prompt always ends at its ``"\\n"``.
+
+    Never raises on a ``str``.
     """
     text = _generated_part(require_str(raw))
     matches = list(_BOX.finditer(text))

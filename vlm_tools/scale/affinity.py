@@ -1,11 +1,8 @@
 """Follow-ups go where the image already is: a Ray Serve request router that ranks a model's replicas for each
 ``image_id`` by rendezvous hashing.
 
-Every ingress replica ranks the same way for the same image (the ranking is a pure function of the image id and
-the replica ids), so a follow-up on an image — through any ingress — reaches the replica that encoded it, where its
-encoding and, for Molmo2, its KV prefix are kept. When that replica is saturated the next in the ranking takes the
-request (and encodes the image again); when replicas come or go only the images whose top replica changed move. A
-request without an image id goes to the least loaded replica.
+Every ingress ranks the same way, so a follow-up through any of them reaches the replica that encoded the image
+(:class:`ImageAffinityRouter`).
 """
 
 from __future__ import annotations
@@ -31,7 +28,14 @@ def ranked(image_id: str, replica_ids: list[str]) -> list[str]:
 
 class ImageAffinityRouter(RequestRouter):
     """Ranks replicas by :func:`affinity` of the request's ``image_id``: Ray Serve sends the request to the first
-    one in the ranking that is below its ``max_ongoing_requests``, and waits (backing off) when all are full."""
+    one in the ranking that is below its ``max_ongoing_requests``, and waits (backing off) when all are full.
+
+    Every ingress replica ranks the same way for the same image (the ranking is a pure function of the image id and
+    the replica ids), so a follow-up on an image — through any ingress — reaches the replica that encoded it, where its
+    encoding and, for Molmo2, its KV prefix are kept. When that replica is saturated the next in the ranking takes the
+    request (and encodes the image again); when replicas come or go only the images whose top replica changed move. A
+    request without an image id goes to the least loaded replica.
+    """
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

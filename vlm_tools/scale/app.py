@@ -32,7 +32,12 @@ ROUTER = "vlm_tools.scale.affinity.ImageAffinityRouter"
 
 def build_app(settings: Settings | Mapping[str, Any]) -> Any:
     """The application for ``settings`` (or for ``serve run`` arguments: setting names to values, lists as comma-
-    separated text or JSON): one autoscaled deployment per model, and the MCP ingress in front of them."""
+    separated text or JSON): one autoscaled deployment per model, and the MCP ingress in front of them.
+
+    An MCP ingress deployment (stateless streamable HTTP, the one-process server's gate, limits, errors and progress)
+    sends each request to the deployment of the model that serves its tool; each model replica owns one in-process
+    engine and model, and Ray Serve adds and removes replicas with the load.
+    """
     if not isinstance(settings, Settings):
         settings = settings_from_args(settings)
     if settings.ingress_replicas > 1 and settings.image_store_url is None:

@@ -1,21 +1,7 @@
 """A tiny Molmo2 written file for file in the layout of ``allenai/Molmo2-4B`` on the hub.
 
-The model is made from transformers' own Molmo2 classes, only smaller, and written as the hub checkpoint is
-(``hub/molmo2-4b/`` holds the published files it is scaled from):
-
-* ``config.json`` in the layout of the repository's own code — ``vit_config`` (``image_default_input_size``,
-  ``image_num_pos``…), ``adapter_config.vit_layers``, ``image_col_id``, ``auto_map`` — with the published keys and
-  nesting and smaller sizes. transformers 5 converts it when it loads natively; vLLM reads it as it is. As on the
-  hub, ``vit_config`` declares more layers than the weights hold: only those up to the deepest one ``vit_layers``
-  reads are saved (27 declared, 25 saved for Molmo2-4B);
-* ``model.safetensors`` under the hub's tensor names (``model.transformer.blocks.N…``,
-  ``model.vision_backbone.image_vit…``, ``lm_head.weight``; transformers 5 saves Molmo2 under them);
-* a Qwen2-shaped tokenizer (:func:`build_tokenizer`), the published chat template byte for byte,
-  ``preprocessor_config.json``, ``video_preprocessor_config.json``, ``processor_config.json`` and
-  ``generation_config.json`` with the published keys.
-
-It loads back through ``from_pretrained(path, local_files_only=True)`` like a hub id. Random weights give noise,
-but with the real token layout, chat template, crops, masks and image-token bookkeeping.
+Made from transformers' own Molmo2 classes, only smaller (the files: :func:`save_hub_checkpoint`). Random weights
+give noise, but with the real token layout, chat template, crops, masks and image-token bookkeeping.
 """
 
 from __future__ import annotations
@@ -303,7 +289,23 @@ def hub_config(model: Any, processor: Any, shape: Molmo2Shape) -> dict[str, Any]
 
 
 def save_hub_checkpoint(model: Any, processor: Any, shape: Molmo2Shape, path: Path) -> Path:
-    """Write ``model`` and ``processor`` to ``path`` in the hub's layout (see the module docstring)."""
+    """Write ``model`` and ``processor`` to ``path`` in the hub's layout.
+
+    Written as the hub checkpoint is (``hub/molmo2-4b/`` holds the published files it is scaled from):
+
+    * ``config.json`` in the layout of the repository's own code — ``vit_config`` (``image_default_input_size``,
+      ``image_num_pos``…), ``adapter_config.vit_layers``, ``image_col_id``, ``auto_map`` — with the published keys and
+      nesting and smaller sizes. transformers 5 converts it when it loads natively; vLLM reads it as it is. As on the
+      hub, ``vit_config`` declares more layers than the weights hold: only those up to the deepest one ``vit_layers``
+      reads are saved (27 declared, 25 saved for Molmo2-4B);
+    * ``model.safetensors`` under the hub's tensor names (``model.transformer.blocks.N…``,
+      ``model.vision_backbone.image_vit…``, ``lm_head.weight``; transformers 5 saves Molmo2 under them);
+    * a Qwen2-shaped tokenizer (:func:`build_tokenizer`), the published chat template byte for byte,
+      ``preprocessor_config.json``, ``video_preprocessor_config.json``, ``processor_config.json`` and
+      ``generation_config.json`` with the published keys.
+
+    It loads back through ``from_pretrained(path, local_files_only=True)`` like a hub id.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

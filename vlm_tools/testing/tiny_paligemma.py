@@ -1,19 +1,7 @@
 """A tiny PaliGemma 2 written file for file in the layout of ``google/paligemma2-3b-mix-448`` on the hub.
 
-The model is made from transformers' own classes (``PaliGemmaForConditionalGeneration`` with a SigLIP vision tower
-and a Gemma 2 text model, ``PaliGemmaProcessor``), only smaller, and saved as the hub checkpoints are:
-
-* ``config.json`` with the published file's keys and nesting (``hub/paligemma2-3b-mix-448/config.json``), its sizes
-  scaled down — plus ``num_attention_heads`` and ``head_dim``, which the published file leaves at Gemma 2's defaults
-  (8 heads of 256) and a tiny model cannot;
-* ``model.safetensors`` under the hub's tensor names: ``vision_tower.vision_model.{embeddings,encoder,
-  post_layernorm}.…``, ``multi_modal_projector.linear.…``, ``language_model.model.…`` (transformers 5 saves the
-  vision tower without ``vision_model.``, which vLLM refuses);
-* a Gemma-shaped tokenizer (see :func:`build_tokenizer`), ``preprocessor_config.json``, ``special_tokens_map.json``
-  and ``generation_config.json`` as published; no chat template (PaliGemma has none).
-
-It loads back through ``from_pretrained(path, local_files_only=True)`` — the path a hub id takes — in this
-process and in a vLLM server. Random weights give noise, but with the real token layout, processor and masks.
+Made from transformers' own classes, only smaller (the files: :func:`save_hub_checkpoint`). Random weights give
+noise, but with the real token layout, processor and masks.
 """
 
 from __future__ import annotations
@@ -245,7 +233,23 @@ def hub_tensor_name(name: str) -> str:
 
 
 def save_hub_checkpoint(model: Any, processor: Any, path: Path) -> Path:
-    """Write ``model`` and ``processor`` to ``path`` in the hub's layout (see the module docstring)."""
+    """Write ``model`` and ``processor`` to ``path`` in the hub's layout.
+
+    The model is made from transformers' own classes (``PaliGemmaForConditionalGeneration`` with a SigLIP vision tower
+    and a Gemma 2 text model, ``PaliGemmaProcessor``), only smaller, and saved as the hub checkpoints are:
+
+    * ``config.json`` with the published file's keys and nesting (``hub/paligemma2-3b-mix-448/config.json``), its sizes
+      scaled down — plus ``num_attention_heads`` and ``head_dim``, which the published file leaves at Gemma 2's defaults
+      (8 heads of 256) and a tiny model cannot;
+    * ``model.safetensors`` under the hub's tensor names: ``vision_tower.vision_model.{embeddings,encoder,
+      post_layernorm}.…``, ``multi_modal_projector.linear.…``, ``language_model.model.…`` (transformers 5 saves the
+      vision tower without ``vision_model.``, which vLLM refuses);
+    * a Gemma-shaped tokenizer (see :func:`build_tokenizer`), ``preprocessor_config.json``, ``special_tokens_map.json``
+      and ``generation_config.json`` as published; no chat template (PaliGemma has none).
+
+    It loads back through ``from_pretrained(path, local_files_only=True)`` — the path a hub id takes — in this
+    process and in a vLLM server.
+    """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
