@@ -1,21 +1,4 @@
 """Images behind ``image_id``s kept in Redis, so that every server process pointed at it answers every id.
-
-Per image, Redis holds two keys that expire ``ttl_s`` after the image was sent: ``vlm-tools:pixels:<id>``, the
-raw 8-bit RGB bytes, and ``vlm-tools:info:<id>``, its width, height and scope. Raw pixels because they are lossless,
-need no encoder or decoder, and are exactly the bytes the byte cap charges, so ``--image-store-bytes`` is what Redis
-holds. They are also the fastest: for a 1280x720 screenshot (``benchmarks/bench_image_store.py``, a busy 2-core
-machine) raw bytes went to Redis and back in 3-11 ms each way, where PNG at compression level 1 took 31-75 ms to
-put and zlib level 1 of the same bytes 15-23 ms; a photo, which does not compress, 126-231 ms and 75-136 ms. Their
-12x smaller screenshots pay for that only where the link to Redis is slower than 1-2 Gbit/s, and photos never.
-
-The count and byte caps hold across processes: one MULTI writes the image's keys and runs a Lua script that keeps a
-sorted set of ids in the order they were sent and a running byte total, and evicts the oldest first.
-
-A small LRU of this process's own copies sits in front: a follow-up on the same process needs no round trip, and
-an image sent while Redis is down still answers follow-ups here. Every call to Redis has a short time limit, and
-after a failure Redis is left alone for a while, so during an outage calls that carry an image lose a time-out now
-and then at most, and calls by an id this process does not hold get a quick
-:class:`~vlm_tools.errors.ImageStoreUnavailable`; when Redis answers again, so does the store. The password in the URL is never logged: messages name ``redis://host:port/db``.
 """
 
 from __future__ import annotations
@@ -102,7 +85,26 @@ thread costs on a busy machine); bigger images are copied in a worker thread."""
 
 class RedisImageStore(ImageStore):
     """Images in Redis at ``url``: ``max_count`` images and ``max_bytes`` bytes across every process sharing it,
-    each for ``ttl_s`` seconds after it was sent, with this process's recent copies in front."""
+    each for ``ttl_s`` seconds after it was sent, with this process's recent copies in front.
+
+    Per image, Redis holds two keys that expire ``ttl_s`` after the image was sent: ``vlm-tools:pixels:<id>``, the
+    raw 8-bit RGB bytes, and ``vlm-tools:info:<id>``, its width, height and scope. Raw pixels because they are lossless,
+    need no encoder or decoder, and are exactly the bytes the byte cap charges, so ``--image-store-bytes`` is what Redis
+    holds. They are also the fastest: for a 1280x720 screenshot (``benchmarks/bench_image_store.py``, a busy 2-core
+    machine) raw bytes went to Redis and back in 3-11 ms each way, where PNG at compression level 1 took 31-75 ms to
+    put and zlib level 1 of the same bytes 15-23 ms; a photo, which does not compress, 126-231 ms and 75-136 ms. Their
+    12x smaller screenshots pay for that only where the link to Redis is slower than 1-2 Gbit/s, and photos never.
+
+    The count and byte caps hold across processes: one MULTI writes the image's keys and runs a Lua script that keeps a
+    sorted set of ids in the order they were sent and a running byte total, and evicts the oldest first.
+
+    A small LRU of this process's own copies sits in front: a follow-up on the same process needs no round trip, and
+    an image sent while Redis is down still answers follow-ups here. Every call to Redis has a short time limit, and
+    after a failure Redis is left alone for a while, so during an outage calls that carry an image lose a time-out now
+    and then at most, and calls by an id this process does not hold get a quick
+    :class:`~vlm_tools.errors.ImageStoreUnavailable`; when Redis answers again, so does the store. The password in
+    the URL is never logged: messages name ``redis://host:port/db``.
+    """
 
     def __init__(self, url: str, *, max_count: int, max_bytes: int, ttl_s: float, timeout_s: float = TIMEOUT_S) -> None:
         self.location = redis_location(url)

@@ -1,16 +1,4 @@
 """Every form an agent may send an image in, turned into a checked RGB image held under an ``image_id``.
-
-Forms, detected explicitly and in this order (the tool descriptions promise exactly these):
-
-1. an ``image_id`` returned earlier (``img_`` + 32 hex digits) — looked up in the store, same id back;
-2. a ``data:`` URI — ``data:image/<png|jpeg|webp|gif|bmp|tiff>;base64,…`` only;
-3. an ``http(s)://`` URL — fetched under the SSRF rules of :mod:`.fetch`, unless URL fetching is off;
-4. a file path (absolute, relative to the working directory, ``~``, or a ``file://`` URL) inside the allowed roots;
-5. bare base64 of the image bytes (strict alphabet and padding; MIME line breaks tolerated).
-
-JPEG base64 starts with ``/9j/`` and other base64 may contain ``/``, so a string that does not name an allowed
-file but is valid base64 is taken as base64; the path error is reported only when it is not. All blocking work
-(file reads, decoding) runs in worker threads so the event loop keeps serving other calls.
 """
 
 from __future__ import annotations
@@ -66,7 +54,20 @@ class StoredImage:
 
 
 class ImageSources:
-    """Loads images (and documents' bytes) from every accepted source form; see the module docstring."""
+    """Loads images (and documents' bytes) from every accepted source form.
+
+    Forms, detected explicitly and in this order (the tool descriptions promise exactly these):
+
+    1. an ``image_id`` returned earlier (``img_`` + 32 hex digits) — looked up in the store, same id back;
+    2. a ``data:`` URI — ``data:image/<png|jpeg|webp|gif|bmp|tiff>;base64,…`` only;
+    3. an ``http(s)://`` URL — fetched under the SSRF rules of :mod:`.fetch`, unless URL fetching is off;
+    4. a file path (absolute, relative to the working directory, ``~``, or a ``file://`` URL) inside the allowed roots;
+    5. bare base64 of the image bytes (strict alphabet and padding; MIME line breaks tolerated).
+
+    JPEG base64 starts with ``/9j/`` and other base64 may contain ``/``, so a string that does not name an allowed
+    file but is valid base64 is taken as base64; the path error is reported only when it is not. All blocking work
+    (file reads, decoding) runs in worker threads so the event loop keeps serving other calls.
+    """
 
     def __init__(self, settings: Settings, store: ImageStore, *, fetcher: UrlFetcher | None = None) -> None:
         self._settings = settings
