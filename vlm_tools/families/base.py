@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from ..backends.base import Output, Request, Task
 from ..errors import InvalidArgument, UnsupportedByModel
 
-DEFAULT_KEEP_UNQUANTISED = ("vision_tower", "multi_modal_projector", "lm_head")
+DEFAULT_KEEP_UNQUANTISED = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 """Module names transformers' native vision-language classes give the vision tower, the projector and the output
 head: kept in the compute dtype under 4/8-bit (a small share of the weights, and quantising them costs pointing
-accuracy for little memory)."""
+accuracy for little memory). Full names from the top: transformers matches a skipped module from the start of its
+name (or as a suffix), so a bare ``vision_tower`` would not match ``model.vision_tower.…``."""
 
 
 @dataclass(frozen=True)
