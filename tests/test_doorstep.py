@@ -185,6 +185,38 @@ async def test_tool_descriptions_are_plain_paragraphs() -> None:
         assert tool.description and not tool.description.endswith(" ")
 
 
+SERVER_ONLY_FLAGS = ("--transport", "--host", "--port", "--auth-token", "--allow-public-bind", "--allowed-origins",
+                     "--allowed-hosts", "--drain-timeout-s")  # fmt: skip
+
+
+ONE_SHOT = {"describe": ["shot.png"], "ask": ["shot.png", "Why?"], "point": ["shot.png", "the button"],
+            "detect": ["shot.png", "button"], "read": ["doc.pdf"], "eval": [], "doctor": [], "pull": []}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ONE_SHOT)
+def test_one_shot_commands_do_not_offer_server_only_flags(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from vlm_tools.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    shown = capsys.readouterr().out
+    assert "--model" in shown
+    for flag in SERVER_ONLY_FLAGS:
+        assert not re.search(rf"{flag}\b", shown), (command, flag)
+    with pytest.raises(SystemExit) as refused:  # and they are refused, not silently ignored
+        build_parser().parse_args([command, *ONE_SHOT[command], "--port", "9000"])
+    assert refused.value.code == 2 and "unrecognized arguments: --port" in capsys.readouterr().err
+
+
+def test_serve_offers_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from vlm_tools.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    shown = capsys.readouterr().out
+    assert all(re.search(rf"{flag}\b", shown) for flag in (*SERVER_ONLY_FLAGS, "--model", "--allow-path"))
+
+
 def test_version() -> None:
     done = subprocess.run([VLM_TOOLS, "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "vlm-tools 0.1.0"

@@ -39,12 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlm-tools {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, **settings: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(p)
+        add_arguments(p, **{"serving": False, **settings})
         return p
 
-    command("serve", "Run the MCP server (stdio by default; --transport http for streamable HTTP).")
+    command("serve", "Run the MCP server (stdio by default; --transport http for streamable HTTP).", serving=True)
+
+    p = command("pull", "Download models into the Hugging Face cache (saying first how much), so serve starts at "
+                "once and offline.", only=("model", "log_level"))  # fmt: skip
+    p.add_argument("models", nargs="*", metavar="MODEL", help="Hub id (org/name, or org/name@<commit, branch or "
+                   "tag>) or local directory; default: the configured models (--model, VLM_TOOLS_MODEL).")  # fmt: skip
 
     p = command("describe", "Describe an image and print the JSON result.")
     p.add_argument("image", help="Path, URL, data: URI or base64 of the image.")
@@ -157,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluation import run_eval
 
             return run_eval(settings, args)
+        if args.command == "pull":
+            from .pull import run_pull
+
+            return run_pull(args.models or settings.model)
         if args.command == "doctor":
             from .doctor import run_doctor
 
