@@ -88,8 +88,15 @@ def test_doctor_reports_the_machine_without_a_cache(tmp_path: Path) -> None:
     assert (molmo2["model"], paligemma["model"]) == DEFAULTS
     assert molmo2["cached"] is False and paligemma["cached"] is False
     assert paligemma["gated"].startswith("yes") and molmo2["gated"].startswith("no")
+    assert molmo2["revision"].startswith("main (not pinned") and molmo2["family"].startswith("Molmo2 (by its name")
+    assert paligemma["family"].startswith("PaliGemma 2 (by its name")
+    assert molmo2["serving_path"] == "known at load (its processor files are not here)"
+    assert "serving_path" not in paligemma  # only Molmo2 checkpoints choose one
     if report["device"]["chosen"]["dtype"] == "float32":  # no GPU: what the default models would take
         assert (molmo2["weights_gb"], paligemma["weights_gb"]) == (19.4, 12.1)
+        assert (molmo2["weights_gb_at_4bit"], paligemma["weights_gb_at_4bit"]) == (6.9, 5.2)
+        assert report["memory"]["needs_gb"] == 31.5 and report["memory"]["loads_on"] == "RAM"
+    assert report["memory"]["verdict"].startswith(("fits", "does not fit"))
     # bitsandbytes quantises on CUDA and on x86-64 CPUs: installed here (the test extra), it is usable.
     import platform
 
@@ -109,8 +116,11 @@ def test_doctor_reports_a_cached_model_and_prints_text(tmp_path: Path, tiny_pali
 
     expected = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(tiny_paligemma_dir).parameters())
     assert entry["parameters"] == expected
-    code, text, _, _ = run(["doctor", "--model", "acme/tiny-paligemma"], no_hub_env(home), tmp_path)
+    assert entry["family"] == "PaliGemma 2 (from its config.json)"
+    code, text, _, _ = run(["doctor", "--model", "acme/tiny-paligemma@" + "0" * 40], no_hub_env(home), tmp_path)
     assert code == 0 and "models:" in text and "acme/tiny-paligemma" in text and "cached: yes" in text
+    assert f"revision: {'0' * 40}" in text and "family: PaliGemma 2 (from its config.json)" in text
+    assert "\nmemory:\n" in text and "  verdict: fits: the weights take " in text
 
 
 def test_a_cpu_start_with_big_models_warns_of_their_memory(
@@ -142,14 +152,73 @@ def test_a_cpu_start_with_big_models_warns_of_their_memory(
 
 
 def test_the_known_sizes_of_the_default_models_are_counted_from_their_published_configs(tmp_path: Path) -> None:
-    from vlm_tools.backends.sizing import parameter_count
+    from vlm_tools.backends.sizing import WeightCount, count_weights
     from vlm_tools.families import family_from_name
 
     for model, name in zip(DEFAULTS, ("molmo2-4b", "paligemma2-3b-mix-448"), strict=True):
         directory = tmp_path / name
         directory.mkdir()
         (directory / "config.json").write_text(published_text(name, "config.json"))
-        assert parameter_count(str(directory)) == family_from_name(model).known_parameters(model)
+        known = family_from_name(model).known_checkpoint(model)
+        assert count_weights(str(directory)) == WeightCount(known.parameters, known.quantisable)
+
+
+def test_the_4bit_size_doctor_states_is_what_loading_takes(tiny_paligemma_dir: Path) -> None:
+    """The quantised layers' packed weights and scales plus the rest in float32, byte for byte."""
+    from vlm_tools.backends import placement
+    from vlm_tools.backends.loading import load_backend
+    from vlm_tools.backends.sizing import count_weights, weights_bytes
+
+    if placement.quantization_support("cpu") is not None:
+        pytest.skip(placement.quantization_support("cpu"))
+    model = str(tiny_paligemma_dir)
+    backend = load_backend(model, Settings(model=(model,), device="cpu", quantize="4bit"))
+    try:
+        taken = sum(p.numel() * p.element_size() for p in backend.model.parameters())
+        for module in backend.model.modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            taken += state.absmax.numel() * state.absmax.element_size() if state is not None else 0
+    finally:
+        backend.close()
+    count = count_weights(model)
+    assert weights_bytes(count, "float32", "4bit") == taken
+    assert weights_bytes(count, "float32") > taken
+
+
+def test_doctor_says_whether_the_models_fit_and_names_the_way_out(
+    tiny_paligemma_dir: Path, tiny_molmo2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlm_tools import doctor
+    from vlm_tools.backends import hub, sizing
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(sizing, "gpus_free", lambda: [])
+    models = (str(tiny_molmo2_dir), str(tiny_paligemma_dir))
+    settings = Settings(model=models, device="cpu")
+    sizes = [sizing.weights_bytes(sizing.count_weights(m), "float32") for m in models]
+    at_4bit = sum(sizing.weights_bytes(sizing.count_weights(m), "float32", "4bit") or 0 for m in models)
+    ram = max(at_4bit, *sizes) + 1  # each model fits alone, and both at 4 bit; not both in float32
+    assert ram < sum(sizes)
+
+    monkeypatch.setattr(sizing, "ram_available", lambda: 10 * sum(sizes))
+    report = doctor.build_report(settings)
+    assert report["memory"]["fits"] is True and report["memory"]["verdict"].startswith("fits: the weights take")
+    assert "ways_out" not in report["memory"]
+    assert [m["fits"].split(" ")[0] for m in report["models"]] == ["yes", "yes"]
+    assert report["models"][0]["serving_path"].startswith("kv-prefix")  # the tiny Molmo2's template: image first
+
+    monkeypatch.setattr(sizing, "ram_available", lambda: ram)
+    report = doctor.build_report(settings)
+    memory = report["memory"]
+    assert memory["fits"] is False
+    assert memory["verdict"] == (f"does not fit: the weights take {sizing.human_bytes(sum(sizes))} and "
+                                 f"{sizing.human_bytes(ram)} of RAM is free")  # fmt: skip
+    ways = memory["ways_out"]
+    assert ways[0].startswith("--quantize 4bit (bitsandbytes): ") and ways[0].endswith(": fits")
+    assert f"load one model: --model {models[0]}" in ways[1] and f"load one model: --model {models[1]}" in ways[2]
+    assert "--backend openai" in ways[-1]
+    text = doctor.render(report)
+    assert "  verdict: does not fit: the weights take" in text and "  ways_out:\n    - --quantize 4bit" in text
 
 
 def test_library_messages_appear_once(capfd: pytest.CaptureFixture[str]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.hub import ModelRef, hub_reachable, is_cached, model_unavailable
+from .backends.sizing import human_bytes
 from .errors import ModelUnavailable, VlmToolsError
 
 ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*", "*.tiktoken")
@@ -275,14 +276,6 @@ class _ProgressLines:
         self.last, self.ended = now, done >= total
         share = f" ({100 * done / total:.0f} %)" if total else ""
         print(f"{self.name}: {human_bytes(done)} of {human_bytes(total)}{share}", file=sys.stderr, flush=True)
-
-
-def human_bytes(count: int) -> str:
-    """``1.5 GB``, ``820 kB``, ``512 bytes`` (powers of 1000, as the hub shows sizes)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} bytes"
 
 
 def _say(line: str) -> None:
