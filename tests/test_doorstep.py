@@ -254,6 +254,28 @@ async def test_tool_descriptions_are_plain_paragraphs() -> None:
         assert tool.description and not tool.description.endswith(" ")
 
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "models"
+
+
+def test_the_annotated_image_is_at_most_1024_px_long_and_says_so(tmp_path: Path) -> None:
+    from helpers import png_of
+    from PIL import Image
+
+    model = ["--model", str(FIXTURES / "paligemma-ui")]
+    for (width, height), written, note in (((1280, 720), (1024, 576), True), ((200, 100), (200, 100), False)):
+        source = tmp_path / f"shot-{width}.png"
+        source.write_bytes(png_of(Image.new("RGB", (width, height), (240, 240, 240))))
+        marked = tmp_path / f"marked-{width}.png"
+        code, out, err, _ = run(["detect", str(source), "red button", "--annotated", str(marked), *model],
+                                no_hub_env(tmp_path / "hf"), tmp_path)  # fmt: skip
+        assert code == 0, err
+        assert json.loads(out)["image_size"] == {"width": width, "height": height}
+        assert Image.open(marked).size == written
+        line = f"wrote {marked} at {written[0]}x{written[1]}"
+        assert line in err
+        assert (f"{line} (the input is 1280x720; coordinates in the JSON are the input's)" in err) is note, err
+
+
 SERVER_ONLY_FLAGS = ("--transport", "--host", "--port", "--auth-token", "--allow-public-bind", "--allowed-origins",
                      "--allowed-hosts", "--drain-timeout-s")  # fmt: skip
 
