@@ -192,7 +192,7 @@ def test_doctor_says_whether_the_models_fit_and_names_the_way_out(
     from vlm_tools.backends import hub, sizing
 
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s=3.0: False)
-    monkeypatch.setattr(sizing, "gpus_free", lambda: [])
+    monkeypatch.setattr(sizing, "gpus_free", list)  # no GPU
     models = (str(tiny_molmo2_dir), str(tiny_paligemma_dir))
     settings = Settings(model=models, device="cpu")
     sizes = [sizing.weights_bytes(sizing.count_weights(m), "float32") for m in models]
@@ -274,6 +274,30 @@ def test_the_annotated_image_is_at_most_1024_px_long_and_says_so(tmp_path: Path)
         line = f"wrote {marked} at {written[0]}x{written[1]}"
         assert line in err
         assert (f"{line} (the input is 1280x720; coordinates in the JSON are the input's)" in err) is note, err
+
+
+CLIENT = Path(__file__).resolve().parent.parent / "examples" / "client.py"
+
+
+def test_the_client_example_prints_usage_and_tool_errors(tmp_path: Path) -> None:
+    env = no_hub_env(tmp_path / "hf")
+    env["PATH"] = f"{Path(VLM_TOOLS).parent}{os.pathsep}{env.get('PATH', '')}"  # the server it starts is this one
+
+    def client(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(CLIENT), *args], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, check=False)  # fmt: skip
+
+    shown = client("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: examples/client.py [-h] [IMAGE] [DOCUMENT]")
+    missing = client("--nope.png")
+    assert missing.returncode == 2 and "unrecognized arguments" in missing.stderr
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    fixtures = ["--model", str(FIXTURES / "molmo2-ui"), "--model", str(FIXTURES / "paligemma-ui")]
+    done = client(str(broken), "--", *fixtures)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.count("error: invalid_image: ") == 4  # every tool given the image; the PDF still reads
+    assert "== read_document\n{" in done.stdout
 
 
 SERVER_ONLY_FLAGS = ("--transport", "--host", "--port", "--auth-token", "--allow-public-bind", "--allowed-origins",
