@@ -254,6 +254,26 @@ async def test_tool_descriptions_are_plain_paragraphs() -> None:
         assert tool.description and not tool.description.endswith(" ")
 
 
+def test_on_cuda_the_models_are_held_against_the_gpu_they_load_on() -> None:
+    """device_map="cuda" puts every model on the first GPU: that one decides; a roomier one is a way out."""
+    from vlm_tools.backends.sizing import WeightCount
+    from vlm_tools.families import get_family
+    from vlm_tools.memory_fit import fits_alone, judge, memory_for, size_model
+
+    settings = Settings(model=DEFAULTS, device="cpu", dtype="float16")  # float16: an older GPU's choice
+    counts = [WeightCount(4_850_869_200, 3_633_315_840), WeightCount(3_033_127_152, 2_024_275_968)]
+    families = [get_family("molmo2"), get_family("paligemma")]
+    sizes = [size_model(m, f, c, settings, "cuda") for m, f, c in zip(DEFAULTS, families, counts, strict=True)]
+    assert [s.dtype for s in sizes] == ["float16", "float32"]  # PaliGemma 2 overflows in float16
+    assert sizes[1].dtype_note and "float32" in sizes[1].dtype_note
+    memory = memory_for("cuda", 500 * 10**9, [("cuda:0 T4", 15 * 10**9), ("cuda:1 A100", 80 * 10**9)])
+    assert memory.where == "cuda:0 T4" and fits_alone(sizes[0], memory).startswith("yes (9.7 GB; 15.0 GB")
+    report = judge(sizes, memory, settings, quantizable=True)
+    assert report["fits"] is False and report["needs_gb"] == 21.8 and report["loads_on"] == "cuda:0 T4"
+    assert "another GPU: CUDA_VISIBLE_DEVICES=1 (80.0 GB free there)" in report["ways_out"]
+    assert report["ways_out"][0].endswith(": fits") and "--quantize 4bit" in report["ways_out"][0]
+
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "models"
 
 
