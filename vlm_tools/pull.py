@@ -217,7 +217,7 @@ def _pull_one(ref: ModelRef) -> None:
     plan = plan_download(ref)
     _say(plan_line(plan))
     _check_disk(plan)
-    progress = _ProgressLines(str(ref)) if not sys.stderr.isatty() else None
+    progress = _ProgressLines(str(ref)) if plan.missing and not sys.stderr.isatty() else None
     snapshot = download(ref, plan, on_bytes=progress)
     what = f"pulled {human_bytes(plan.missing_bytes)}" if plan.missing else "already in the cache"
     _say(f"{ref}: {what}; commit {plan.commit} in {snapshot}")
