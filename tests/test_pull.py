@@ -137,6 +137,13 @@ def test_pull_says_what_to_do_when_the_hub_refuses(tmp_path: Path, tiny_paligemm
     assert (snapshot(home, gated, "acme/tiny-gated") / "model.safetensors").is_file()
 
 
+def test_pull_refuses_a_name_that_is_neither_a_directory_nor_a_hub_id(tmp_path: Path) -> None:
+    code, out, err, _ = run(["pull", "acme/bad name"], no_hub_env(tmp_path / "hf"), tmp_path)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.startswith("vlm-tools: configuration_error: --model 'acme/bad name' is neither a local directory nor a "
+                          "hub id (org/name)")  # fmt: skip
+
+
 def test_pull_of_a_local_directory_has_nothing_to_do(tmp_path: Path, tiny_paligemma_dir: Path) -> None:
     started = time.monotonic()
     code, out, err, _ = run(["pull", str(tiny_paligemma_dir)], no_hub_env(tmp_path / "hf"), tmp_path)

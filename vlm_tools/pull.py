@@ -127,7 +127,6 @@ def download(ref: ModelRef, plan: DownloadPlan, on_bytes: BytesCallback | None =
 
     counter = _ByteCounter(plan.missing_bytes, on_bytes)
     bar = counter.bar_class()
-    path = None
     try:
         for file in plan.missing:
             path = hf_hub_download(ref.model_id, file.name, revision=plan.commit, tqdm_class=bar)

@@ -44,6 +44,14 @@ class ModelRef:
         model_id, at, revision = model.partition("@")
         if at and (not model_id or not revision):
             raise ConfigurationError(f"--model {model!r}: write a revision as org/name@<commit, branch or tag>")
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(model_id)
+        except HFValidationError as error:
+            raise ConfigurationError(f"--model {model!r} is neither a local directory nor a hub id (org/name): "
+                                     f"{error}") from None  # fmt: skip
         return cls(model_id, revision or None, False)
 
     def __str__(self) -> str:
