@@ -159,6 +159,26 @@ def test_quantize_is_refused_where_bitsandbytes_cannot_run(
         load_backend(model, Settings(model=(model,), device="cpu", quantize=quantize))
 
 
+@pytest.mark.parametrize("tiny", ["tiny_paligemma_dir", "tiny_molmo2_dir"])
+def test_4bit_keeps_the_vision_tower_and_projector_in_the_compute_dtype(
+    tiny: str, request: pytest.FixtureRequest
+) -> None:
+    """Only the language model's linear layers are quantised (bitsandbytes runs on x86-64 CPUs)."""
+    if placement.quantization_support("cpu") is not None:
+        pytest.skip(placement.quantization_support("cpu"))
+    model = str(request.getfixturevalue(tiny))
+    backend = load_backend(model, Settings(model=(model,), device="cpu", quantize="4bit"))
+    try:
+        kinds = {name: type(module).__name__ for name, module in backend.model.named_modules()
+                 if isinstance(module, torch.nn.Linear)}  # fmt: skip
+    finally:
+        backend.close()
+    kept = {n: k for n, k in kinds.items() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))}
+    assert kept and set(kept.values()) == {"Linear"}, kept
+    assert kinds["lm_head"] == "Linear"
+    assert {k for n, k in kinds.items() if n.startswith("model.language_model.")} == {"Linear4bit"}
+
+
 def test_one_unavailable_model_is_skipped_with_a_hint(
     tiny_paligemma_dir: Path, offline_hub: None, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:

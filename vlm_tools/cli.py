@@ -31,6 +31,12 @@ def _frame(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"frame must be WIDTHxHEIGHT, e.g. 1280x720, not {text!r}") from None
 
 
+ANNOTATED_HELP = (
+    "Also write the image with the results drawn on it to this PNG file, scaled down to at most 1024 px on its long "
+    "side (the coordinates in the JSON stay those of the input image)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser (every subcommand documents every setting)."""
     parser = argparse.ArgumentParser(
@@ -39,12 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlm-tools {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, **settings: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(p)
+        add_arguments(p, **{"serving": False, **settings})
         return p
 
-    command("serve", "Run the MCP server (stdio by default; --transport http for streamable HTTP).")
+    command("serve", "Run the MCP server (stdio by default; --transport http for streamable HTTP).", serving=True)
+
+    p = command("pull", "Download models into the Hugging Face cache (saying first how much), so serve starts at "
+                "once and offline.", only=("model", "log_level"))  # fmt: skip
+    p.add_argument("models", nargs="*", metavar="MODEL", help="Hub id (org/name, or org/name@<commit, branch or "
+                   "tag>) or local directory; default: the configured models (--model, VLM_TOOLS_MODEL).")  # fmt: skip
 
     p = command("describe", "Describe an image and print the JSON result.")
     p.add_argument("image", help="Path, URL, data: URI or base64 of the image.")
@@ -61,13 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("description")
     p.add_argument("--max-points", type=int, default=10)
     p.add_argument("--frame", type=_frame, help="Caller frame WIDTHxHEIGHT, e.g. 1280x720.")
-    p.add_argument("--annotated", metavar="PNG", help="Also write the annotated image to this file.")
+    p.add_argument("--annotated", metavar="PNG", help=ANNOTATED_HELP)
 
     p = command("detect", "Detect objects with boxes.")
     p.add_argument("image")
     p.add_argument("labels", nargs="+", metavar="LABEL")
-    p.add_argument("--frame", type=_frame)
-    p.add_argument("--annotated", metavar="PNG", help="Also write the annotated image to this file.")
+    p.add_argument("--frame", type=_frame, help="Caller frame WIDTHxHEIGHT, e.g. 1280x720.")
+    p.add_argument("--annotated", metavar="PNG", help=ANNOTATED_HELP)
 
     p = command("read", "Read the text of a PDF or an image, page by page.")
     p.add_argument("document")
@@ -131,10 +142,26 @@ def _one_shot(settings: Settings, args: argparse.Namespace) -> int:
     print(json.dumps(result.structured_content, indent=2))
     path = getattr(args, "annotated", None)
     if path:
-        for block in result.content:
-            if getattr(block, "type", None) == "image":
-                Path(path).write_bytes(base64.b64decode(block.data))
+        images = [block for block in result.content if getattr(block, "type", None) == "image"]
+        if not images:
+            print(f"vlm-tools: no annotated image came back; {path} not written", file=sys.stderr)
+            return 1
+        Path(path).write_bytes(base64.b64decode(images[0].data))
+        print(_wrote(path, result.structured_content["image_size"]), file=sys.stderr)
     return 0
+
+
+def _wrote(path: str, input_size: dict[str, int]) -> str:
+    """``wrote marked.png at 1024x576 (the input is 1280x720; …)``: the annotated image is at most 1024 px long."""
+    from PIL import Image
+
+    with Image.open(path) as written:
+        width, height = written.size
+    line = f"wrote {path} at {width}x{height}"
+    if (width, height) != (input_size["width"], input_size["height"]):
+        line += (f" (the input is {input_size['width']}x{input_size['height']}; coordinates in the JSON are the "
+                 "input's)")  # fmt: skip
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluation import run_eval
 
             return run_eval(settings, args)
+        if args.command == "pull":
+            from .pull import run_pull
+
+            return run_pull(args.models or settings.model)
         if args.command == "doctor":
             from .doctor import run_doctor
 

@@ -2,7 +2,9 @@
 
 Python and the packages that matter (torch with its CUDA build and devices, transformers, mcp, bitsandbytes), the
 Hugging Face hub (reachable, offline mode, cache), each configured model (cached, gated and whether a token is
-set, the memory its weights need at the dtype that would be chosen), the inputs (URL fetching, allowed paths) and
+set, the revision pinned, its family, the memory its weights need at the dtype and quantisation that would be
+chosen, and for a Molmo2 whose processor files are here its serving path), whether the models fit together in the
+memory they would load into — with the ways out when they do not — the inputs (URL fetching, allowed paths) and
 Chromium for the web-automation example. It reports and exits 0 even when things are missing; ``--json`` prints
 the same report for machines. Nothing is downloaded and no weights are loaded.
 """
@@ -17,10 +19,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .families.base import Family
 
 
 def run_doctor(settings: Settings, *, as_json: bool = False) -> int:
@@ -36,15 +41,21 @@ def build_report(settings: Settings) -> dict[str, Any]:
 
     route_library_logs()
     device = _device(settings)
+    bnb = _bitsandbytes(str(device["chosen"]["device"]))
+    if settings.backend == "local":
+        models, memory = _models(settings, device, bnb)
+    else:
+        models, memory = _remote(settings), {"verdict": "the models run on the inference servers (--backend openai)"}
     return {
         "vlm_tools": __version__,
         "python": {"version": platform.python_version(), "executable": sys.executable, "platform": platform.platform()},
         "packages": {name: _version(name) for name in ("torch", "torchvision", "transformers", "mcp", "pillow",
                                                        "pypdfium2", "httpx", "playwright")},  # fmt: skip
-        "bitsandbytes": _bitsandbytes(str(device["chosen"]["device"])),
+        "bitsandbytes": bnb,
         "device": device,
         "hub": _hub(),
-        "models": _models(settings, device) if settings.backend == "local" else _remote(settings),
+        "models": models,
+        "memory": memory,
         "inputs": {
             "urls": "fetched (public addresses only)" if settings.allow_urls else "not fetched (--no-urls)",
             "private_urls": settings.allow_private_urls,
@@ -119,32 +130,105 @@ def _hub() -> dict[str, Any]:
     }
 
 
-def _models(settings: Settings, device: dict[str, Any]) -> list[dict[str, Any]]:
+def _models(settings: Settings, device: dict[str, Any], bnb: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Each configured model (where it comes from, its revision and family, its weights at the precision it would
+    run in, whether it fits, Molmo2's serving path), then whether they fit together and the ways out."""
+    from .backends.sizing import count_weights, gpus_free, ram_available
+    from .memory_fit import fits_alone, judge, memory_for, size_model
+
+    chosen = device["chosen"]["device"]
+    where = chosen if chosen in ("cpu", "cuda", "mps") else None
+    memory = memory_for(where, ram_available(), gpus_free()) if where else None
+    entries, sizes = [], []
+    for model in settings.model:
+        entry = _model_source(model)
+        family, entry["family"] = _family(model)
+        count = count_weights(model, local_files_only=_local_files_only(model))
+        size = size_model(model, family, count, settings, where)
+        entry["parameters"] = count.total if count else None
+        if size.bytes is not None:
+            entry["weights_gb"] = round(size.bytes / 1e9, 1)
+            entry["at"] = settings.quantize if settings.quantize != "none" else size.dtype
+            if settings.quantize != "none":
+                entry["unquantised_in"] = size.dtype
+        if size.dtype_note:
+            entry["dtype_note"] = size.dtype_note
+        if settings.quantize != "4bit" and size.bytes_at("4bit") is not None:
+            entry["weights_gb_at_4bit"] = round((size.bytes_at("4bit") or 0) / 1e9, 1)
+        if memory is not None:
+            entry["fits"] = fits_alone(size, memory)
+        if family is not None and family.name == "molmo2":
+            entry["serving_path"] = _serving_path(model, entry["available"])
+        entries.append(entry)
+        sizes.append(size)
+    fit = judge(sizes, memory, settings, quantizable=bool(bnb.get("usable"))) if memory else {
+        "verdict": f"unknown: no device ({chosen})"}  # fmt: skip
+    return entries, fit
+
+
+def _local_files_only(model: str) -> bool:
+    from .backends.hub import local_files_only
+
+    return local_files_only(model)
+
+
+def _model_source(model: str) -> dict[str, Any]:
+    """Where ``model`` comes from: a local directory, or the hub (cached, gated, token, revision)."""
     from huggingface_hub import get_token
 
-    from .backends.hub import hub_reachable, is_cached, local_files_only, looks_local
-    from .backends.sizing import parameter_count, weight_bytes
+    from .backends.hub import ModelRef, hub_reachable, is_cached
 
-    precision = settings.quantize if settings.quantize != "none" else device["chosen"]["dtype"]
-    models = []
-    for model in settings.model:
-        entry: dict[str, Any] = {"model": model}
-        if looks_local(model):
-            entry["source"] = "local directory"
-            entry["available"] = (Path(model).expanduser() / "config.json").is_file()
-        else:
-            entry["source"] = "hub"
-            entry["available"] = cached = is_cached(model)
-            entry["cached"] = cached
-            entry["gated"] = _gated(model) if hub_reachable() else _gated_by_family(model)
-            entry["token_set"] = get_token() is not None
-        count = parameter_count(model, local_files_only=local_files_only(model))
-        entry["parameters"] = count
-        if count and precision:
-            entry["weights_gb"] = round(weight_bytes(count, precision) / 1e9, 1)
-            entry["at"] = precision
-        models.append(entry)
-    return models
+    entry: dict[str, Any] = {"model": model}
+    ref = ModelRef.parse(model)
+    if ref.is_local:
+        entry["source"] = "local directory"
+        entry["available"] = (Path(model).expanduser() / "config.json").is_file()
+        return entry
+    entry["source"] = "hub"
+    entry["revision"] = ref.revision or "main (not pinned: pin one with --model id@<commit>)"
+    entry["available"] = cached = is_cached(model)
+    entry["cached"] = cached
+    entry["gated"] = _gated(ref.model_id) if hub_reachable() else _gated_by_family(ref.model_id)
+    entry["token_set"] = get_token() is not None
+    return entry
+
+
+def _family(model: str) -> tuple[Family | None, str]:
+    """``model``'s family and how it is known: from its config.json when it is here, else by its name."""
+    from .backends.hub import ModelRef
+    from .backends.loading import read_family
+    from .errors import ConfigurationError, ModelUnavailable
+    from .families import family_from_name
+
+    try:
+        family = read_family(model, local_files_only=True)
+    except ModelUnavailable:  # (a ConfigurationError too: caught first)
+        family = family_from_name(ModelRef.parse(model).model_id)
+        if family is None:
+            return None, "unknown until its config.json is here (vlm-tools pull)"
+        return family, f"{family.title} (by its name; its config.json is not here yet)"
+    except ConfigurationError as error:  # a family this server does not serve
+        return None, error.message
+    return family, f"{family.title} (from its config.json)"
+
+
+def _serving_path(model: str, available: bool) -> str:
+    """A Molmo2's serving path (kept KV prefix, encoding reuse, or the processor), probed from its processor files
+    when they are here; no weights are read."""
+    from .backends.hub import ModelRef
+
+    if not available:
+        return "known at load (its processor files are not here)"
+    ref = ModelRef.parse(model)
+    try:
+        from transformers import AutoProcessor
+
+        from .backends.molmo2_layout import plan_layout
+
+        processor = AutoProcessor.from_pretrained(ref.model_id, local_files_only=True, **ref.pretrained_kwargs)
+        return plan_layout(processor).describe()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"known at load (its processor cannot be read here: {type(error).__name__}: {error})"
 
 
 def _gated_by_family(model: str) -> str:

@@ -11,7 +11,7 @@ import logging
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-QUIET = ("httpx", "httpcore")
+QUIET = ("httpx", "httpx2", "httpcore")
 """Loggers that say one line per HTTP request (URL fetches, remote inference calls): kept at warning."""
 
 

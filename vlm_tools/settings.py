@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -27,6 +28,11 @@ def _flag(name: str, **extra: Any) -> dict[str, Any]:
     return {"flag": name, **extra}
 
 
+SERVE_ONLY: dict[str, Any] = {"serve_only": True}
+"""Marks a setting only a running server uses (transport, binding, shutdown): ``vlm-tools serve`` lists it, the
+one-shot commands do not."""
+
+
 class Settings(BaseSettings):
     """Every setting of the server. Environment variable: ``VLM_TOOLS_<FIELD NAME IN CAPITALS>``."""
 
@@ -38,23 +44,29 @@ class Settings(BaseSettings):
 
     # --- serving ------------------------------------------------------------------------------------------
     transport: Literal["stdio", "http"] = Field(
-        "stdio", description="MCP transport: stdio (for a local client) or streamable HTTP at /mcp."
+        "stdio", description="MCP transport: stdio (for a local client) or streamable HTTP at /mcp.",
+        json_schema_extra=SERVE_ONLY,
     )
-    host: str = Field("127.0.0.1", description="HTTP: address to bind.")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP: port to bind (0 picks a free one).")
+    host: str = Field("127.0.0.1", description="HTTP: address to bind.", json_schema_extra=SERVE_ONLY)
+    port: int = Field(
+        8000, ge=0, le=65535, description="HTTP: port to bind (0 picks a free one).", json_schema_extra=SERVE_ONLY
+    )
     auth_token: SecretStr | None = Field(
-        None, description="HTTP: bearer token every request must carry (Authorization: Bearer …)."
+        None, description="HTTP: bearer token every request must carry (Authorization: Bearer …).",
+        json_schema_extra=SERVE_ONLY,
     )
     allow_public_bind: bool = Field(
         False,
         description="HTTP: allow binding a non-loopback address without --auth-token (not recommended).",
-        json_schema_extra=_flag("--allow-public-bind"),
+        json_schema_extra=_flag("--allow-public-bind", **SERVE_ONLY),
     )
     allowed_origins: tuple[str, ...] = Field(
-        (), description="HTTP: extra browser Origins allowed (repeatable), e.g. https://app.example.com."
+        (), description="HTTP: extra browser Origins allowed (repeatable), e.g. https://app.example.com.",
+        json_schema_extra=SERVE_ONLY,
     )
     allowed_hosts: tuple[str, ...] = Field(
-        (), description="HTTP: extra Host header values allowed (repeatable), e.g. vlm.internal:8000."
+        (), description="HTTP: extra Host header values allowed (repeatable), e.g. vlm.internal:8000.",
+        json_schema_extra=SERVE_ONLY,
     )
 
     # --- past one process: Ray Serve ------------------------------------------------------------------------
@@ -159,7 +171,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests to join.")
     queue_size: int = Field(64, ge=1, description="Requests that may wait; past it calls get `busy` at once.")
     request_timeout_s: float = Field(120.0, gt=0, description="Time limit for one request, queue wait included.")
-    drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long running requests may finish.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On shutdown, how long running requests may finish.", json_schema_extra=SERVE_ONLY
+    )
 
     idle_unload_s: float | None = Field(
         None, gt=0, description="Free a local model's weights after this many seconds without a call (GPU memory "
@@ -275,10 +289,23 @@ def _flag_name(name: str, info: Any) -> str:
     return str(extra.get("flag") or "--" + name.replace("_", "-"))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting to ``parser`` (flags left out keep their environment value or default)."""
+def is_serve_only(name: str) -> bool:
+    """Whether setting ``name`` matters only to a running server (see :data:`SERVE_ONLY`)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    return bool(isinstance(extra, dict) and extra.get("serve_only"))
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, *, serving: bool = True, only: Collection[str] | None = None
+) -> None:
+    """Add one flag per setting to ``parser`` (flags left out keep their environment value or default).
+
+    ``serving=False`` leaves out the settings only a running server uses; ``only`` names the settings to offer
+    (a command that reads a few of them)."""
     group = parser.add_argument_group("settings (each also from the environment as VLM_TOOLS_<NAME>)")
     for name, info in Settings.model_fields.items():
+        if (not serving and is_serve_only(name)) or (only is not None and name not in only):
+            continue
         flag = _flag_name(name, info)
         env = f"VLM_TOOLS_{name.upper()}"
         default_text = "" if info.default is None else f" [default: {_show(info.default)}]"

@@ -59,7 +59,10 @@ FrameArg = Annotated[
 ]
 AnnotateArg = Annotated[
     bool,
-    Field(description="Also return a PNG of the image (long side at most 1024 px) with the results drawn on it."),
+    Field(
+        description="Also return a PNG of the image with the results drawn on it, scaled down to at most 1024 px on "
+        "its long side (the coordinates in the result stay those of the input image)."
+    ),
 ]
 DetailArg = Annotated[
     Literal["brief", "detailed"], Field(description="brief: a sentence or two; detailed: a paragraph.")

@@ -40,6 +40,14 @@ class ModelRef:
         model_id, at, revision = model.partition("@")
         if at and (not model_id or not revision):
             raise ConfigurationError(f"--model {model!r}: write a revision as org/name@<commit, branch or tag>")
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(model_id)
+        except HFValidationError as error:
+            raise ConfigurationError(f"--model {model!r} is neither a local directory nor a hub id (org/name): "
+                                     f"{error}") from None  # fmt: skip
         return cls(model_id, revision or None, False)
 
     def __str__(self) -> str:
@@ -64,7 +72,12 @@ def model_unavailable(model: str, error: BaseException) -> ModelUnavailable:
         current = current.__cause__ or current.__context__
     text = " ".join(str(e) for e in chain).lower()
     ref = ModelRef.parse(model)
-    if any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text:
+    not_found = any(isinstance(e, RepositoryNotFoundError) and not isinstance(e, GatedRepoError) for e in chain)
+    # The hub's not-found message speaks of "a private or gated repo" too: only a gated error, or transformers'
+    # wording of one, is one.
+    if any(isinstance(e, GatedRepoError) for e in chain) or (
+        not not_found and ("access a gated repo" in text or "is a gated repository" in text)
+    ):
         family = family_from_name(ref.model_id)
         url = family.licence_url(ref.model_id) if family else f"https://huggingface.co/{ref.model_id}"
         return ModelUnavailable(
@@ -74,7 +87,7 @@ def model_unavailable(model: str, error: BaseException) -> ModelUnavailable:
     if any(isinstance(e, RevisionNotFoundError) for e in chain):
         return ModelUnavailable(f"{model}: the hub has no revision {ref.revision!r} of {ref.model_id}: check the "
                                 "commit, branch or tag after the @")  # fmt: skip
-    if any(isinstance(e, RepositoryNotFoundError) for e in chain) or "not a valid model identifier" in text:
+    if not_found or "not a valid model identifier" in text:
         return ModelUnavailable(
             f"{model} was not found on the Hugging Face hub (or it is private): check the id, set HF_TOKEN for a "
             "private model, or pass --model with a local directory holding the model"

@@ -154,7 +154,7 @@ CPU_WARNING_BYTES = 8e9
 def warn_if_heavy_on_cpu(settings: Settings) -> None:
     """On the CPU, warn when the configured models' weights need more than :data:`CPU_WARNING_BYTES`."""
     from .placement import resolve_device, resolve_dtype
-    from .sizing import cpu_computes_bfloat16, describe, gigabytes, parameter_count, weight_bytes
+    from .sizing import count_weights, cpu_computes_bfloat16, describe, gigabytes, weights_bytes
 
     if resolve_device(settings.device) != "cpu":
         return
@@ -162,8 +162,8 @@ def warn_if_heavy_on_cpu(settings: Settings) -> None:
     precision = settings.quantize if settings.quantize != "none" else dtype
     # Only the models that can load count: a model the hub cannot give fails at once anyway.
     loadable = [m for m in settings.model if ModelRef.parse(m).is_local or is_cached(m) or hub_reachable()]
-    counts = {m: parameter_count(m, local_files_only=local_files_only(m)) for m in loadable}
-    sizes = {m: weight_bytes(n, precision) if n else None for m, n in counts.items()}
+    counts = {m: count_weights(m, local_files_only=local_files_only(m)) for m in loadable}
+    sizes = {m: weights_bytes(n, dtype, settings.quantize) if n else None for m, n in counts.items()}
     total = sum(size or 0 for size in sizes.values())
     if total <= CPU_WARNING_BYTES:
         return

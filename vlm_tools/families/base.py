@@ -12,19 +12,22 @@ from dataclasses import dataclass
 from ..backends.base import Output, Request, Task
 from ..errors import InvalidArgument, UnsupportedByModel
 
-DEFAULT_KEEP_UNQUANTISED = ("vision_tower", "multi_modal_projector", "lm_head")
+DEFAULT_KEEP_UNQUANTISED = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 """Module names transformers' native vision-language classes give the vision tower, the projector and the output
 head: kept in the compute dtype under 4/8-bit (a small share of the weights, and quantising them costs pointing
-accuracy for little memory)."""
+accuracy for little memory). Full names from the top: transformers matches a skipped module from the start of its
+name (or as a suffix), so a bare ``vision_tower`` would not match ``model.vision_tower.…``."""
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A published checkpoint of a family: its hub id and parameter count (counted on the meta device from its
-    published config, so memory can be told before its config is downloaded)."""
+    """A published checkpoint of a family: its hub id, its parameter count and how many of those bitsandbytes
+    quantises under the family's ``keep_unquantised`` (both counted on the meta device from its published config,
+    so memory can be told before its config is downloaded)."""
 
     model_id: str
     parameters: int
+    quantisable: int | None = None
 
 
 class Family(ABC):
@@ -102,9 +105,14 @@ class Family(ABC):
             return f"https://huggingface.co/{model}"
         return f"https://huggingface.co/{self.checkpoints[0].model_id}" if self.checkpoints else "https://huggingface.co"
 
+    def known_checkpoint(self, model: str) -> Checkpoint | None:
+        """The published checkpoint ``model`` (a hub id) if this family knows it, else ``None``."""
+        return next((c for c in self.checkpoints if c.model_id == model), None)
+
     def known_parameters(self, model: str) -> int | None:
         """The parameter count of a published checkpoint this family knows, else ``None``."""
-        return next((c.parameters for c in self.checkpoints if c.model_id == model), None)
+        checkpoint = self.known_checkpoint(model)
+        return checkpoint.parameters if checkpoint else None
 
 
 # --- helpers the families share ---------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ class Molmo2(FreeFormFamily):
     control_tokens = CONTROL_TOKENS
     local_backend = "vlm_tools.backends.molmo2_local:Molmo2Backend"
     attention = "sdpa"  # exact; flash attention would drop the bidirectional mask over image tokens
-    checkpoints = (Checkpoint("allenai/Molmo2-4B", 4_850_869_200),)  # vision tower cut to the 25 layers it reads
+    # The vision tower cut to the 25 layers it reads; 3.6 B of the weights are the language model's linear layers.
+    checkpoints = (Checkpoint("allenai/Molmo2-4B", 4_850_869_200, quantisable=3_633_315_840),)
     serve_by_default = True
     offline_fixture = "tests/fixtures/models/molmo2-ui"
     without_it = "native pointing is unavailable"

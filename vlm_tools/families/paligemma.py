@@ -33,7 +33,8 @@ class PaliGemma(Family):
     # the text model runs eager attention (exact); the SigLIP vision tower has no soft-capping and runs SDPA.
     attention = {"text_config": "eager", "vision_config": "sdpa"}
     unstable_dtypes = frozenset({"float16"})  # Gemma 2 activations overflow float16 (vLLM refuses it too)
-    checkpoints = (Checkpoint("google/paligemma2-3b-mix-448", 3_033_127_152),)  # embeddings tied
+    # Embeddings tied to the output head; 2.0 B of the weights are the language model's linear layers.
+    checkpoints = (Checkpoint("google/paligemma2-3b-mix-448", 3_033_127_152, quantisable=2_024_275_968),)
     serve_by_default = True
     offline_fixture = "tests/fixtures/models/paligemma-ui"
     gated = True
