@@ -72,27 +72,40 @@ class Settings(BaseSettings):
     # --- past one process: Ray Serve ------------------------------------------------------------------------
     scale: Literal["none", "ray"] = Field(
         "none", description="HTTP: one process (none), or Ray Serve (ray): an MCP ingress and one autoscaled "
-        "deployment of model replicas per model.",
+        "deployment of model replicas per model.", json_schema_extra=SERVE_ONLY,
     )
     ray_address: str | None = Field(
-        None, description="--scale ray: the Ray cluster to join (auto, or ray://head:10001); default: start one here."
+        None, description="--scale ray: the Ray cluster to join (auto, or ray://head:10001); default: start one "
+        "here.", json_schema_extra=SERVE_ONLY,
     )
-    min_replicas: int = Field(1, ge=1, le=1000, description="--scale ray: fewest replicas per model.")
-    max_replicas: int = Field(2, ge=1, le=1000, description="--scale ray: most replicas per model.")
+    min_replicas: int = Field(
+        1, ge=1, le=1000, description="--scale ray: fewest replicas per model.", json_schema_extra=SERVE_ONLY
+    )
+    max_replicas: int = Field(
+        2, ge=1, le=1000, description="--scale ray: most replicas per model.", json_schema_extra=SERVE_ONLY
+    )
     target_ongoing_requests: float = Field(
-        4.0, gt=0, description="--scale ray: requests in flight per model replica that autoscaling aims for."
+        4.0, gt=0, description="--scale ray: requests in flight per model replica that autoscaling aims for.",
+        json_schema_extra=SERVE_ONLY,
     )
     upscale_delay_s: float = Field(
-        5.0, ge=0, description="--scale ray: how long the load must stay above the target before a replica is added."
+        5.0, ge=0, description="--scale ray: how long the load must stay above the target before a replica is "
+        "added.", json_schema_extra=SERVE_ONLY,
     )
     downscale_delay_s: float = Field(
-        60.0, ge=0, description="--scale ray: how long the load must stay below the target before one is removed."
+        60.0, ge=0, description="--scale ray: how long the load must stay below the target before one is removed.",
+        json_schema_extra=SERVE_ONLY,
     )
     ingress_replicas: int = Field(
-        1, ge=1, le=1000, description="--scale ray: MCP ingress replicas (more than one needs --image-store redis://…)."
+        1, ge=1, le=1000, description="--scale ray: MCP ingress replicas (more than one needs --image-store "
+        "redis://…).", json_schema_extra=SERVE_ONLY,
     )
-    replica_gpus: float = Field(0.0, ge=0, description="--scale ray: GPUs per model replica (e.g. 1).")
-    replica_cpus: float = Field(1.0, ge=0, description="--scale ray: CPUs per model replica.")
+    replica_gpus: float = Field(
+        0.0, ge=0, description="--scale ray: GPUs per model replica (e.g. 1).", json_schema_extra=SERVE_ONLY
+    )
+    replica_cpus: float = Field(
+        1.0, ge=0, description="--scale ray: CPUs per model replica.", json_schema_extra=SERVE_ONLY
+    )
 
     # --- models -------------------------------------------------------------------------------------------
     backend: Literal["local", "openai"] = Field(
@@ -178,6 +191,7 @@ class Settings(BaseSettings):
     idle_unload_s: float | None = Field(
         None, gt=0, description="Free a local model's weights after this many seconds without a call (GPU memory "
         "back to the desktop); the next call loads them again, with progress. Default: never.",
+        json_schema_extra=SERVE_ONLY,
     )
 
     max_new_tokens: int | None = Field(
@@ -223,7 +237,8 @@ class Settings(BaseSettings):
             raise ValueError("the openai backend needs at least one --base-url")
         if self.scale == "ray":
             if self.transport != "http" or self.backend != "local":
-                raise ValueError("--scale ray serves streamable HTTP over local models: --transport http --backend local")
+                raise ValueError("--scale ray serves streamable HTTP over local models: --transport http, --backend "
+                                 "local")
             if self.min_replicas > self.max_replicas:
                 raise ValueError(f"--min-replicas {self.min_replicas} is more than --max-replicas {self.max_replicas}")
         return self
