@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "local": load_backend(str(source), Settings(model=(str(source),), device="cpu",
                                                         max_batch_size=args.max_batch_size)),
             **{
-                mode: RemoteBackend([server.url], server.model, get_family("paligemma"), concurrency=args.remote_concurrency,
-                                    timeout_s=600.0, max_batch_size=args.max_batch_size)
+                mode: RemoteBackend([server.url], server.model, get_family("paligemma"),
+                                    concurrency=args.remote_concurrency, timeout_s=600.0)
                 for mode, server in servers.items()
             },
         }  # fmt: skip
