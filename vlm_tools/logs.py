@@ -13,6 +13,26 @@ import sys
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET = ("httpx", "httpx2", "httpcore")
 """Loggers that say one line per HTTP request (URL fetches, remote inference calls): kept at warning."""
+ONCE = ("bitsandbytes",)
+"""Loggers that repeat one warning on every matrix product (8-bit on the CPU: "inputs will be cast to float16"):
+each distinct message is said once."""
+
+
+class OnceFilter(logging.Filter):
+    """Lets each distinct message of the :data:`ONCE` loggers (and their children) through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(ONCE):
+            return True
+        key = (record.name, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
 
 def configure(level: str) -> None:
@@ -22,6 +42,7 @@ def configure(level: str) -> None:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(OnceFilter())  # a handler's filter sees the records of child loggers too
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in QUIET:
