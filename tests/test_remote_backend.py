@@ -475,3 +475,38 @@ async def test_no_user_url_reaches_the_inference_server(tmp_path: Path, fake: Fa
     urls = [part["image_url"]["url"] for m in body["messages"] for part in m["content"] if part["type"] == "image_url"]
     assert urls and all(url.startswith("data:image/png;base64,") for url in urls)
     assert "http://" not in str(body) and http_image not in str(body)
+
+
+# --- no head-of-line blocking --------------------------------------------------------------------------------
+
+
+async def test_each_caller_gets_its_answer_when_it_arrives_not_when_the_slowest_does(fake: FakeOpenAI) -> None:
+    import asyncio
+
+    from vlm_tools.engine import Engine
+
+    def script(body: dict) -> Reply:
+        prompt = body["messages"][0]["content"][1]["text"]
+        return Reply(content=BOX_RAW, delay_s=4.0 if "slow" in prompt else 0.05)
+
+    fake.script = script
+    remote = backend(fake.url)
+    engine = Engine([remote], max_batch_size=8, batch_wait_ms=50.0, queue_size=64, request_timeout_s=30.0)
+    await engine.start()
+    started = time.monotonic()
+    finished: dict[str, float] = {}
+
+    async def call(label: str) -> None:
+        await engine.submit(remote, detect(label), tool="detect")
+        finished[label] = time.monotonic() - started
+
+    try:
+        slow = asyncio.ensure_future(call("slow"))
+        await asyncio.sleep(0.01)  # the slow one first: a batch would have held every later one behind it
+        await asyncio.wait_for(asyncio.gather(*(call(f"fast {i}") for i in range(7))), timeout=3.0)
+        assert not slow.done() and max(finished.values()) < 2.0, finished  # answered while the slow one runs
+        await asyncio.wait_for(slow, timeout=10.0)
+        assert finished["slow"] >= 3.5
+    finally:
+        await engine.shutdown(1.0)
+        remote.close()
