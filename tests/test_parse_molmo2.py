@@ -208,3 +208,22 @@ def test_written_points_read_back(points: list[tuple[int, int]], label: str) -> 
     for cut in range(0, len(raw) + 1, 7):  # cut anywhere: a prefix of the points, never a half-number
         prefix = [(round(p.x * 1000), round(p.y * 1000)) for p in parse_points(raw[:cut])]
         assert prefix == points[: len(prefix)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "unread"),
+    [
+        ('<points coords="1 1 073 160 2 173 600" alt="boats">the boats</points>', 0),
+        ("There are none.", 0),
+        ('<point x="61.5" y="40.2" alt="cup">cup</point>', 1),  # Molmo 0924's percent syntax
+        ('<tracks coords="0.0 1 500 500">car</tracks>', 1),  # video tracking: not read from an image
+        ('<points coords="1 1 1500 160" alt="x">x</points>', 1),  # over 1000: the only point dropped
+        ('<points coords="1 1 500 500 2 1500 500" alt="x">x</points>', 0),  # one of two dropped: the element gave a point
+        ('<points alt="x">x</points>', 1),  # no coordinates at all
+    ],
+    ids=["read", "none", "percent-syntax", "tracks", "out-of-range", "partly-read", "no-coords"],
+)
+def test_unread_markup_counts_elements_that_gave_no_point(raw: str, unread: int) -> None:
+    from vlm_tools.parsing.molmo2 import unread_markup
+
+    assert unread_markup(raw) == unread

@@ -185,3 +185,20 @@ def test_written_boxes_read_back(boxes: list[tuple[tuple[int, int, int, int], st
         box for box, _ in boxes
     ]
     assert [b.label for b in got] == [label for _, label in boxes]
+
+
+@pytest.mark.parametrize(
+    ("raw", "unread"),
+    [
+        ("<loc0100><loc0200><loc0300><loc0400> cat", 0),
+        ("a cat on a mat", 0),
+        ("<loc0100><loc0200><loc0300> cat", 1),  # cut short: three location tokens
+        ("<loc0500><loc0500><loc0100><loc0100> cat", 1),  # inverted: dropped, not swapped
+        ("<loc0100><loc0200><loc0300><loc0400> cat ; <loc0500><loc0500><loc0100><loc0100> dog", 1),
+    ],
+    ids=["read", "text", "cut-short", "inverted", "one-of-two"],
+)
+def test_unread_boxes_counts_location_tokens_that_gave_no_box(raw: str, unread: int) -> None:
+    from vlm_tools.parsing.paligemma import parse_detections, unread_boxes
+
+    assert unread_boxes(raw, parse_detections(raw)) == unread

@@ -550,3 +550,44 @@ async def test_private_urls_refused_through_the_protocol(tmp_path: Path, molmo2:
         result = await c.call_tool("describe_image", {"image": url})
         assert _code(result) == "url_blocked"
         assert not (await c.call_tool("describe_image", {"image": data_uri(png_bytes())})).is_error
+
+
+# --- answers the parser cannot read --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "raw", "found"),
+    [
+        # Molmo (0924) percent markup from a Molmo2: points the Molmo2 parser does not read.
+        ("molmo2", '<point x="61.5" y="40.2" alt="red button">red button</point>', 0),
+        # One point read, one in a syntax it does not read: the one is returned, and the other is said.
+        ("molmo2", '<points coords="1 1 500 250" alt="a">a</points> and <point x="1" y="2">b</point>', 1),
+        # A box cut short and an inverted one: nothing to return, two boxes' worth of markup unread.
+        ("paligemma", "<loc0100><loc0200><loc0300> cat ; <loc0500><loc0500><loc0100><loc0100> dog", 0),
+    ],
+    ids=["molmo2-percent-syntax", "molmo2-partly-read", "paligemma-broken-boxes"],
+)
+async def test_markup_the_parser_cannot_read_is_said_not_taken_for_nothing(
+    tmp_path: Path, image_file: Path, family: str, raw: str, found: int
+) -> None:
+    model = ScriptedBackend(family, lambda _request: raw)
+    server = build_server(settings_for(tmp_path), load_backends=loader(model))
+    async with Client(server) as client:
+        tool, arguments = (
+            ("detect", {"image": str(image_file), "labels": ["cat"]}) if family == "paligemma"
+            else ("point_to_object", {"image": str(image_file), "description": "red button"})
+        )  # fmt: skip
+        result = await client.call_tool(tool, arguments)
+        data = result.structured_content
+        assert data["count"] == found and data["raw"] == raw
+        (warning,) = data["warnings"]
+        assert "could not read" in warning and "does not mean that nothing more is there" in warning
+        metrics, _ = server.metrics.render()
+    counted = [line for line in metrics.decode().splitlines() if line.startswith("vlm_tools_unreadable_outputs_total{")]
+    assert counted and counted[0].endswith(" 1.0"), counted
+
+
+async def test_an_answer_with_nothing_to_read_has_no_warning(server: VisionServer, image_file: Path) -> None:
+    async with Client(server) as client:
+        result = await client.call_tool("point_to_object", {"image": str(image_file), "description": "nothing"})
+        assert result.structured_content["found"] is False and result.structured_content["warnings"] == []
