@@ -157,8 +157,8 @@ def _models(settings: Settings, device: dict[str, Any], bnb: dict[str, Any]) -> 
             entry["weights_gb_at_4bit"] = round((size.bytes_at("4bit") or 0) / 1e9, 1)
         if memory is not None:
             entry["fits"] = fits_alone(size, memory)
-        if family is not None and family.name == "molmo2":
-            entry["serving_path"] = _serving_path(model, entry["available"])
+        if family is not None and family.probed_at_load:
+            entry["serving_path"] = _serving_path(model, family, entry["available"])
         entries.append(entry)
         sizes.append(size)
     fit = judge(sizes, memory, settings, quantizable=bool(bnb.get("usable"))) if memory else {
@@ -212,9 +212,9 @@ def _family(model: str) -> tuple[Family | None, str]:
     return family, f"{family.title} (from its config.json)"
 
 
-def _serving_path(model: str, available: bool) -> str:
-    """A Molmo2's serving path (kept KV prefix, encoding reuse, or the processor), probed from its processor files
-    when they are here; no weights are read."""
+def _serving_path(model: str, family: Any, available: bool) -> str:
+    """How the family's backend will lay this checkpoint's prompts out, probed from its processor files when they are
+    here (its family says how); no weights are read."""
     from .backends.hub import ModelRef
 
     if not available:
@@ -223,10 +223,8 @@ def _serving_path(model: str, available: bool) -> str:
     try:
         from transformers import AutoProcessor
 
-        from .backends.molmo2_layout import plan_layout
-
         processor = AutoProcessor.from_pretrained(ref.model_id, local_files_only=True, **ref.pretrained_kwargs)
-        return plan_layout(processor).describe()
+        return family.serving_path(processor)
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"known at load (its processor cannot be read here: {type(error).__name__}: {error})"
 

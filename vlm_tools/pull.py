@@ -210,7 +210,7 @@ def _pull_one(ref: ModelRef) -> None:
         directory = Path(ref.model_id).expanduser()
         if not (directory / "config.json").is_file():
             raise ModelUnavailable(f"{ref} is a local path without a config.json: pass a directory made by "
-                                   "save_pretrained, or a hub id such as allenai/Molmo2-4B")  # fmt: skip
+                                   "save_pretrained, or a hub id (org/name)")  # fmt: skip
         _say(f"{ref}: a local directory; nothing to pull")
         return
     plan = plan_download(ref)

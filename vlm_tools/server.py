@@ -117,17 +117,8 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
                 logger.info("tool %s -> %s", tool, model or "unsupported by the loaded models")
             await engine.start()
             server.runtime = Runtime(settings, engine, router, sources, store, metrics, backends=backends)
-            residents = [backend for backend in backends if isinstance(backend, ResidentModel)]
-            if residents:  # the weights load after the transport is up: clients get their answers at once
-                load_in_order(residents, before=partial(before_loading, settings))
-            logger.info("ready: answering MCP; %s", "; ".join(_described(backend) for backend in backends))
-            async with anyio.create_task_group() as tasks:
-                if settings.idle_unload_s and residents:
-                    tasks.start_soon(unload_when_idle, residents, settings.idle_unload_s)
-                try:
-                    yield server.runtime
-                finally:
-                    tasks.cancel_scope.cancel()
+            async with _models_resident(settings, backends):
+                yield server.runtime
         finally:
             server.runtime = None
             with anyio.CancelScope(shield=True):
@@ -148,6 +139,23 @@ def build_server(settings: Settings, *, load_backends: BackendLoader | None = No
     )
     register_tools(server, settings)
     return server
+
+
+@asynccontextmanager
+async def _models_resident(settings: Settings, backends: Sequence[Backend]) -> AsyncIterator[None]:
+    """While the server runs: the weights of the models in process load in the background (the transport is up, so
+    clients get their answers at once), and with ``--idle-unload-s`` idle ones are freed."""
+    residents = [backend for backend in backends if isinstance(backend, ResidentModel)]
+    if residents:
+        load_in_order(residents, before=partial(before_loading, settings))
+    logger.info("ready: answering MCP; %s", "; ".join(_described(backend) for backend in backends))
+    async with anyio.create_task_group() as tasks:
+        if settings.idle_unload_s and residents:
+            tasks.start_soon(unload_when_idle, residents, settings.idle_unload_s)
+        try:
+            yield
+        finally:
+            tasks.cancel_scope.cancel()
 
 
 def load_configured_backends(settings: Settings) -> Sequence[Backend]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from typing import Any
 from dataclasses import dataclass
 
 from ..backends.base import Output, Request, Task
@@ -77,6 +78,14 @@ class Family(ABC):
     @abstractmethod
     def interpret(self, request: Request, raw: str) -> Output:
         """Turn the model's raw text into an :class:`Output`; never raises on odd model output."""
+
+    probed_at_load: bool = False
+    """Whether the in-process backend probes each checkpoint to choose how it lays prompts out (see
+    :meth:`serving_path`)."""
+
+    def serving_path(self, processor: Any) -> str:
+        """How the in-process backend lays prompts out for the checkpoint whose processor this is, in words."""
+        return "the family's one layout"
 
     def caller_text(self, text: str) -> str:
         """Caller text as it may enter a prompt: control-token spellings broken up (see :func:`neutralise`)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from ..parsing import molmo2 as molmo2_parser
 from .base import Checkpoint
@@ -34,3 +35,10 @@ class Molmo2(FreeFormFamily):
     offline_fixture = "tests/fixtures/models/molmo2-ui"
     without_it = "native pointing is unavailable"
     parser = molmo2_parser
+    probed_at_load = True
+
+    def serving_path(self, processor: Any) -> str:
+        """The layout the checkpoint's chat template allows: kept KV prefixes, encoding reuse, or the processor."""
+        from ..backends.molmo2_layout import plan_layout
+
+        return plan_layout(processor).describe()
