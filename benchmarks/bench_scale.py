@@ -124,7 +124,10 @@ async def spike(base: str, args: argparse.Namespace) -> dict[str, Any]:
         "time_to_first_extra_replica_s": first_extra,
         "replicas_over_time": [(round(t - start, 1), n) for t, n in timeline],
         "max_replicas_seen": max((n or 0) for _, n in timeline),
-        "requests_on_an_image_id": total, "affinity_hit_rate": (hits / total) if total else None,
+        # Every call names an image id (the ingress issues it before the model runs), but only a follow-up can find
+        # its image already held: the hit rate is held follow-ups over follow-ups answered.
+        "requests_on_an_image_id": total, "held": hits,
+        "affinity_hit_rate": (hits / len(follow_ups)) if follow_ups else None,
     }  # fmt: skip
 
 

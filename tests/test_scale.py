@@ -205,3 +205,18 @@ async def test_an_image_id_issued_through_one_ingress_replica_is_answered_throug
             result = await client.call_tool("answer_about_image", {"image": ids[n % 4], "question": f"what {n}?"})
             assert not result.is_error, result.content[0].text
             assert result.structured_content["image_size"] == {"width": 160, "height": 100}
+
+
+async def test_deleting_the_application_answers_the_calls_in_flight(app: str) -> None:
+    # The replica's engine holds its batch open for 3 s: the calls are surely in flight when the deletion comes.
+    deploy(app, min_replicas=1, max_replicas=1, batch_wait_ms=3000, max_batch_size=8)
+    async with http_client(app) as client:
+        await client.list_tools()  # the client has found the server: the calls below go out at once
+        calls = [asyncio.ensure_future(point(client, image(900 + seed))) for seed in range(6)]
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(serve.delete, APP)  # Ray Serve drains: running requests finish first
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    broken = [r for r in results if isinstance(r, BaseException)]
+    assert not broken, broken  # every call got an answer, none a dropped connection
+    texts = [r.content[0].text for r in results if r.is_error]  # type: ignore[union-attr]
+    assert all(text.startswith("shutting_down: ") for text in texts), texts
