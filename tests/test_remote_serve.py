@@ -169,9 +169,11 @@ def test_killing_one_of_two_servers_mid_run_loses_no_request(
     try:
         runner.start()
         deadline = time.monotonic() + 60
-        # Kill once the second server has started answering: it then holds requests in flight and queued.
-        while "Request received" not in second.log_tail(200) and time.monotonic() < deadline:
+        # Kill once the second server holds requests (in flight and queued). Its log cannot tell: it holds the
+        # requests of earlier tests too.
+        while remote.pool.snapshot()[1]["outstanding"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(0.3)  # let it start answering them
         assert remote.pool.snapshot()[1]["outstanding"] > 0
         second.kill()
         runner.join(timeout=240)

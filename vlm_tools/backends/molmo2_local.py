@@ -145,10 +145,13 @@ class Molmo2Backend(LocalBackend):
         """One image-processor call and one vision-encoder pass for all ``images``."""
         processed = self.processor.image_processor(images=list(images), return_tensors="pt")
         grids = processed["image_grids"]
+        # transformers 5.25 indexes each image's pooling within that image and wants its crop count to batch them;
+        # 5.24's processor gives none and its pooling indexes the whole batch. Pass what the processor gave.
+        crops = {key: processed[key].to(self.device) for key in ("image_num_crops",) if key in processed}
         with torch.inference_mode():
             encoded = self.model.get_image_features(
                 processed["pixel_values"].to(self.device), processed["image_token_pooling"].to(self.device),
-                grids.to(self.device),
+                grids.to(self.device), **crops,
             )  # fmt: skip
         return [
             Molmo2Image(self._image_token_ids(grid), features)
