@@ -63,12 +63,12 @@ class Router:
         (with the reason) when the only ones that can failed to load."""
         task = TOOL_TASKS[tool]
         backend = self._routes.get(tool)
-        if backend is not None and _failed(backend):
-            failed = [b for b in self.backends if _failed(b)]
+        if backend is not None and backend.state == "failed":
+            failed = [b for b in self.backends if b.state == "failed"]
             other = None if tool in self._named_routes else self._choose(task, passed_over=failed)
             if other is None:
                 raise ModelUnavailable(f"{tool} is served by {backend.name}, which could not be loaded: "
-                                       f"{getattr(backend, 'error', None) or 'unknown reason'}")  # fmt: skip
+                                       f"{backend.error or 'unknown reason'}")  # fmt: skip
             backend = other
         if backend is None:
             loaded = ", ".join(f"{b.name} ({b.family.name})" for b in self.backends)
@@ -80,7 +80,3 @@ class Router:
         """tool → model name (None when unsupported), for logs and the health endpoint."""
         return {tool: (b.name if b else None) for tool, b in self._routes.items()}
 
-
-def _failed(backend: Backend) -> bool:
-    """Whether ``backend`` is a model whose weights could not be loaded."""
-    return getattr(backend, "state", None) == "failed"

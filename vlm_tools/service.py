@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +60,8 @@ class Runtime:
         state = self.engine.health()
         loading = False
         for backend in self.backends:
-            status = getattr(backend, "status", None)
             model = state["models"].setdefault(backend.name, {})
-            model.update(status() if status is not None else {"state": "ready"})
+            model.update(backend.status())
             loading = loading or model["state"] == "loading"
             if model["state"] == "failed":  # not serving, by no fault of its lane: it is reported, not counted
                 model["serving"] = False
@@ -153,7 +151,7 @@ class VisionService:
         backend = runtime.router.backend_for("read_document")
         source = await runtime.sources.load_bytes(document, scope)
         async with open_pages(source, pages, runtime.settings, runtime.store, scope) as doc:
-            with _in_use(backend):
+            with backend.in_use():
                 # Loading is reported below one page (progress < 1), so the page count that follows still grows.
                 await self._ready(backend, progress, None)
                 results = await self._read_pages(doc, backend, progress)
@@ -235,7 +233,7 @@ class VisionService:
         task = TOOL_TASKS[tool]
         limit = runtime.max_new_tokens(task, fields.get("detail", "brief"))
         request = Request(task, stored.image, max_new_tokens=limit, image_id=stored.image_id, **fields)
-        with _in_use(backend):
+        with backend.in_use():
             left = await self._ready(backend, progress, 1.0)
             output = await runtime.engine.submit(backend, request, tool=tool, timeout_s=left)
         return Answer(stored, output, backend.name)
@@ -244,8 +242,7 @@ class VisionService:
         """Wait until ``backend``'s weights are loaded, telling the caller how the load goes; the seconds left of
         the request's time limit."""
         limit = self.runtime.settings.request_timeout_s
-        wait_ready = getattr(backend, "wait_ready", None)
-        if wait_ready is None:
+        if backend.state == "ready":
             return limit
         started = time.monotonic()
 
@@ -253,19 +250,13 @@ class VisionService:
             if progress is not None:
                 await progress(fraction, total, message)
 
-        await wait_ready(notify, limit)
+        await backend.wait_ready(notify, limit)
         return max(0.0, limit - (time.monotonic() - started))
 
 
 async def _drawn(annotate: bool, draw: Callable[[Any, Any], bytes], stored: StoredImage, items: Any) -> bytes | None:
     """The image with ``items`` drawn on it, as PNG, when ``annotate`` asks for it (in a worker thread)."""
     return await anyio.to_thread.run_sync(draw, stored.image, items) if annotate else None
-
-
-def _in_use(backend: Backend) -> AbstractContextManager[None]:
-    """The model's in-use mark for the length of a call (its weights are not freed under it), where it has one."""
-    in_use = getattr(backend, "in_use", None)
-    return in_use() if in_use is not None else nullcontext()
 
 
 def _common(got: Answer) -> dict[str, Any]:

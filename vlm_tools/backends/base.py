@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +34,8 @@ class Task(str, Enum):
 
 
 Detail = Literal["brief", "detailed"]
+LoadState = Literal["loading", "ready", "failed", "unloaded"]
+"""Whether a model's weights are in memory (see :attr:`Backend.state`)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,22 @@ class Backend(ABC):
     family: Family
     native: frozenset[Task]
     supported: frozenset[Task]
+    state: LoadState = "ready"
+    """Whether its weights are in memory: a model in process may still be loading them, have failed to, or have
+    freed them when idle (:class:`~vlm_tools.backends.resident.ResidentModel`); any other backend is ready."""
+    error: str | None = None
+    """Why it could not load (``state == "failed"``)."""
+
+    async def wait_ready(self, notify: Callable[[float, str], Awaitable[None]] | None, timeout_s: float) -> None:
+        """Return once the model can answer, telling ``notify(fraction, message)`` how its load goes (at once here)."""
+
+    def in_use(self) -> AbstractContextManager[None]:
+        """Mark a call on the model as in flight, for as long as the context lasts (nothing to mark here)."""
+        return nullcontext()
+
+    def status(self) -> dict[str, Any]:
+        """Its load state for ``/health``."""
+        return {"state": self.state}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (GPU memory, connections)."""

@@ -13,10 +13,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelUnavailable, Timeout, VlmToolsError
-from .base import BatchBackend, Outcome, Request
+from .base import BatchBackend, LoadState, Outcome, Request
 
 if TYPE_CHECKING:
     from ..families.base import Family
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-State = Literal["loading", "ready", "failed", "unloaded"]
 Notify = Callable[[float, str], Awaitable[None]]
 """``notify(fraction, message)``: how far a load got (0..1), for a caller waiting on it."""
 Loader = Callable[[], BatchBackend]
@@ -69,7 +68,7 @@ class ResidentModel(BatchBackend):
         self.supported = family.supported
         self.max_batch_size = max_batch_size
         self.parallelism = 1
-        self.state: State = "unloaded"
+        self.state: LoadState = "unloaded"
         self.error: str | None = None
         self.progress = LoadProgress()
         self.loads = 0

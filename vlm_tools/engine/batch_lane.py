@@ -16,7 +16,7 @@ from typing import Any
 from ..backends.base import BatchBackend, Output, Request
 from ..errors import Busy, Cancelled, ModelBroken, ModelError, Timeout, VlmToolsError
 from ..metrics import Metrics
-from .jobs import Job, Limits, State
+from .jobs import Job, Limits, State, prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class BatchLane:
                            "retry in a moment (a few seconds)")  # fmt: skip
             job = Job(request, tool, loop, loop.create_future(), now, deadline)
             self.queue.append(job)
-            _prefetch(self.backend, request)
+            prefetch(self.backend, request)
             self.metrics.set_queue_depth(self.backend.name, len(self.queue))
             # Every worker: one gathering a batch that this request fills must stop waiting now, whichever wakes.
             self.cond.notify_all()
@@ -340,14 +340,6 @@ class BatchLane:
 
     def describe(self) -> str:
         return f"{self.backend.name} (batch {self.batch_limit}, {len(self.threads)} worker(s))"
-
-
-def _prefetch(backend: Any, request: Request) -> None:
-    """Let the backend start on the request's image while it waits (a failure here only loses the head start)."""
-    try:
-        backend.prefetch(request)
-    except Exception:
-        logger.exception("prefetch of model %s failed", backend.name)
 
 
 def _is_oom(backend: BatchBackend, error: BaseException) -> bool:

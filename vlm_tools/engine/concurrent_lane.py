@@ -15,8 +15,7 @@ from typing import Any
 from ..backends.base import ConcurrentBackend, Request
 from ..errors import Busy, ModelError, VlmToolsError
 from ..metrics import Metrics
-from .batch_lane import _prefetch
-from .jobs import Job, Limits, State
+from .jobs import Job, Limits, State, prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class ConcurrentLane:
             raise Busy(f"{self.queued} requests are already waiting for {self.backend.name}; "
                        "retry in a moment (a few seconds)")  # fmt: skip
         job = Job(request, tool, loop, loop.create_future(), time.monotonic(), deadline)
-        _prefetch(self.backend, request)
+        prefetch(self.backend, request)
         self.runners[job] = loop.create_task(self._run(job), name=f"vlm-request[{self.backend.name}]")
         self.metrics.set_queue_depth(self.backend.name, self.queued)
         return job

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from enum import Enum
 
-from ..backends.base import Output, Request
+from ..backends.base import Backend, Output, Request
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,3 +59,11 @@ def _settle(future: asyncio.Future[Output], value: Output | BaseException) -> No
         future.set_exception(value)
     else:
         future.set_result(value)
+
+
+def prefetch(backend: Backend, request: Request) -> None:
+    """Let the backend start on the request's image while it waits (a failure here only loses the head start)."""
+    try:
+        backend.prefetch(request)
+    except Exception:
+        logger.exception("prefetch of model %s failed", backend.name)
